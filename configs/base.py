@@ -1,0 +1,115 @@
+"""Defaults for every field; experiment configs start here and override a few.
+
+Sections: data, model, optim, train, eval, ckpt, parallel. Any field can be overridden on the
+command line with
+`--config.SECTION.FIELD=VALUE`; an unknown field is an error.
+"""
+
+import ml_collections
+
+from ms_cxr.data import datasets
+
+# The embedded synthetic set's default sizes: large enough that a CPU run shows real learning.
+SYNTHETIC_SPLITS = {'train': 6000, 'val': 600, 'test': 1200}
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default config (DenseNet-121, synthetic data, 224 px)."""
+  config = ml_collections.ConfigDict()
+
+  # --- data ---------------------------------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = 'synthetic'  # synthetic | nih | chexpert | vindr (see ms_cxr.data.datasets)
+  data.root = ''  # dataset root as downloaded; unused for synthetic
+  data.labels = datasets.default_labels('synthetic')  # label names, in model-output order
+  data.size_px = 224  # square side the model sees
+  data.seed = 0  # shuffle, augmentation, synthetic rendering and the patient-wise val split
+  data.val_fraction = 0.1  # real datasets: share of training patients held out for validation
+  data.num_workers = 0  # Grain worker processes (0 = decode in the main process)
+  data.prefetch_batches = 2  # batches prepared ahead of the step
+  data.synthetic = ml_collections.ConfigDict(
+    {f'num_{split}': n for split, n in SYNTHETIC_SPLITS.items()}
+  )
+  data.synthetic.images_per_patient = 3
+  data.augment = ml_collections.ConfigDict()
+  data.augment.enabled = True
+  data.augment.max_rotate_deg = 5.0
+  data.augment.max_translate = 0.04  # fraction of the side
+  data.augment.scale_range = (0.95, 1.05)
+  data.augment.max_contrast = 0.1  # +- relative change of contrast and brightness
+  # Off by default: laterality matters in chest X-rays (dextrocardia, side of a finding).
+  data.augment.hflip = False
+
+  # --- model --------------------------------------------------------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.name = 'densenet121'  # see ms_cxr.models.PRESETS
+  model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params stay float32)
+  model.bn_momentum = 0.9  # Flax convention: running = momentum * running + (1 - momentum) * batch
+  model.bn_epsilon = 1e-5
+  model.remat = False  # rematerialise dense layers: less activation memory, ~30% more compute
+
+  # --- optimizer ----------------------------------------------------------------------------------
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.name = 'adam'  # adam | adamw | sgd (with momentum)
+  optim.learning_rate = 1e-4
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.momentum = 0.9  # sgd only
+  optim.nesterov = False  # sgd only
+  optim.weight_decay = 0.0  # adamw: decoupled; adam/sgd: L2 added to the gradient
+  optim.schedule = 'constant'  # constant | step | cosine
+  optim.warmup_steps = 0  # linear warm-up from 0, before any schedule
+  optim.step_boundaries = ()  # step: steps at which the rate is multiplied by step_factor
+  optim.step_factor = 0.1
+  optim.cosine_final_fraction = 0.0  # cosine: final rate as a fraction of the peak
+  optim.grad_clip_norm = 0.0  # 0 = no clipping
+
+  # --- training -----------------------------------------------------------------------------------
+  config.train = train = ml_collections.ConfigDict()
+  train.seed = 0  # parameter init and per-step keys
+  train.global_batch_size = 32  # across all devices and hosts
+  train.num_steps = 10_000
+  train.log_every_steps = 50
+  train.eval_every_steps = 1000  # validation AUROC for the best checkpoint; 0 = never
+  train.label_weights = ()  # optional per-label loss weights, one per label (empty = all 1)
+
+  # --- evaluation ---------------------------------------------------------------------------------
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.split = 'test'  # split predicted by --mode=evaluate
+  ev.name = ''  # report folder under <workdir>/eval/; '' = the split name
+  ev.checkpoint = 'latest'  # latest | best
+  ev.step = -1  # a specific checkpoint step; -1 = use eval.checkpoint
+  ev.val_split = 'val'  # split scored during training to keep the best checkpoint
+  ev.batch_size = 64  # global
+  ev.max_images = 0  # 0 = the whole split (a positive number evaluates a prefix, for quick checks)
+
+  # --- checkpoints --------------------------------------------------------------------------------
+  config.ckpt = ckpt = ml_collections.ConfigDict()
+  ckpt.every_steps = 500
+  ckpt.max_to_keep = 3
+  ckpt.async_save = True
+
+  # --- parallelism --------------------------------------------------------------------------------
+  config.parallel = par = ml_collections.ConfigDict()
+  par.api = 'shard_map'  # shard_map (jit over a 1-D mesh) | pmap; both run the same per-device step
+  par.num_devices = 0  # 0 = all local devices
+
+  return config
+
+
+def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any config to a run of at most ~2 minutes on a 2-core CPU (tests use this)."""
+  config.model.name = 'densenet_tiny'
+  config.data.size_px = min(config.data.size_px, 32)
+  config.data.synthetic.num_train = 256
+  config.data.synthetic.num_val = 48
+  config.data.synthetic.num_test = 60
+  config.train.global_batch_size = 8
+  config.train.num_steps = 12
+  config.train.log_every_steps = 4
+  config.train.eval_every_steps = 6
+  config.optim.learning_rate = 1e-3
+  config.eval.batch_size = 16
+  config.ckpt.every_steps = 6
+  config.ckpt.max_to_keep = 2
+  return config

@@ -1,0 +1,65 @@
+"""Helpers shared by the files in `configs/`: argument parsing and resolved-config output.
+
+A config file is `get_config(arg)`; `arg` is the text after the colon in `--config=configs/FILE.py:ARG`, a
+comma-separated list of `key=value` pairs and bare flags, e.g. `dataset=nih,size=448,smoke`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses `'key=value,flag'` into a ConfigDict, typed by `defaults`.
+
+  Args:
+    arg: the config argument, or None/'' for all defaults.
+    **defaults: every accepted key and its default; the default's type converts the value (a bare `flag` means
+      True for a bool key).
+
+  Returns:
+    A ConfigDict with every key of `defaults`.
+
+  Raises:
+    ValueError: naming an unknown key or a value that does not convert.
+  """
+  result = dict(defaults)
+  for item in (arg or '').split(','):
+    item = item.strip()
+    if not item:
+      continue
+    key, sep, value = item.partition('=')
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f'config argument {key!r} is unknown; expected one of {sorted(defaults)}')
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f'config argument {key!r} needs a value ({key}=...)')
+      result[key] = True
+      continue
+    value = value.strip()
+    try:
+      if isinstance(default, bool):
+        if value.lower() not in ('true', 'false', '1', '0'):
+          raise ValueError(value)
+        result[key] = value.lower() in ('true', '1')
+      elif isinstance(default, int):
+        result[key] = int(value)
+      elif isinstance(default, float):
+        result[key] = float(value)
+      else:
+        result[key] = value
+    except ValueError:
+      raise ValueError(
+        f'config argument {key}={value!r} is not a valid {type(default).__name__}'
+      ) from None
+  return ml_collections.ConfigDict(result)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  """The resolved config as stable, human-readable JSON (tuples become lists)."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + '\n'

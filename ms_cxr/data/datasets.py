@@ -1,0 +1,99 @@
+"""Dataset registry: names -> label vocabularies and readers returning `Record`s per split.
+
+Split names are the same for every dataset: `train` (optimised), `val` (model selection, carved from training data
+by patient), `test` (reported).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from ms_cxr.data import labels as labels_lib
+from ms_cxr.data import synthetic
+from ms_cxr.data.records import Record
+from ms_cxr.errors import UserError
+
+DATASETS = ('synthetic', 'nih', 'chexpert')
+SPLITS = ('train', 'val', 'test')
+
+
+def default_labels(dataset: str) -> tuple[str, ...]:
+  """The label vocabulary a dataset's configs train on by default."""
+  if dataset == 'synthetic':
+    return tuple(synthetic.LABELS)
+  if dataset == 'nih':
+    return labels_lib.NIH_LABELS
+  if dataset == 'chexpert':
+    return labels_lib.CHEXPERT_LABELS
+  raise UserError(f'config.data.dataset={dataset!r} is unknown; expected one of {DATASETS}')
+
+
+def load_split(data_config: ml_collections.ConfigDict, split: str) -> list[Record]:
+  """Reads one split of the configured dataset.
+
+  Args:
+    data_config: the `data` section of the config.
+    split: train | val | test.
+
+  Returns:
+    The split's records, labels ordered as `data_config.labels`.
+
+  Raises:
+    UserError: unknown dataset or split, or a label the dataset does not have.
+  """
+  if split not in SPLITS:
+    raise UserError(f'split {split!r} is unknown; expected one of {SPLITS}')
+  dataset = data_config.dataset
+  if dataset == 'synthetic':
+    return _synthetic_split(data_config, split)
+  if dataset == 'nih':
+    from ms_cxr.data import nih
+
+    reader = nih.read_records
+  elif dataset == 'chexpert':
+    from ms_cxr.data import chexpert
+
+    reader = chexpert.read_records
+  else:
+    raise UserError(f'config.data.dataset={dataset!r} is unknown; expected one of {DATASETS}')
+  if not data_config.root:
+    raise UserError(f'config.data.root is empty; set it to the {dataset} dataset folder')
+  try:
+    return reader(
+      data_config.root,
+      split=split,
+      val_fraction=data_config.val_fraction,
+      seed=data_config.seed,
+      labels=tuple(data_config.labels),
+    )
+  except (ValueError, FileNotFoundError) as e:
+    raise UserError(str(e)) from None
+
+
+def _synthetic_split(data_config: ml_collections.ConfigDict, split: str) -> list[Record]:
+  """Consecutive index ranges train | val | test; each range starts on a patient boundary (no
+  leakage)."""
+  per_patient = data_config.synthetic.images_per_patient
+  start = 0
+  for name in SPLITS:
+    count = data_config.synthetic[f'num_{name}']
+    if name == split:
+      records = synthetic.make_records(data_config.seed, start, count, per_patient)
+      unknown = [label for label in data_config.labels if label not in synthetic.LABELS]
+      if unknown:
+        raise UserError(
+          f'config.data.labels has {unknown} which the synthetic set does not draw; '
+          f'expected names from {synthetic.LABELS}'
+        )
+      return _select_labels(records, synthetic.LABELS, data_config.labels)
+    start += -(-count // per_patient) * per_patient  # round up to a whole patient
+  raise AssertionError(split)
+
+
+def _select_labels(records, available, wanted) -> list[Record]:
+  if tuple(available) == tuple(wanted):
+    return records
+  columns = [list(available).index(name) for name in wanted]
+  return [dataclasses.replace(r, labels=r.labels[columns]) for r in records]

@@ -1,0 +1,94 @@
+"""Image decoding, resizing and augmentation on the host (numpy + PIL), one documented
+normalisation.
+
+Every image leaves here as uint8 grayscale [size, size, 1]: 0 is black (air, lungs), 255 white (bone). The model
+turns it into ImageNet-normalised float (ms_cxr.models.densenet.normalize_images), so the host ships 1 byte per
+pixel to the device. Aspect ratio: the image is resized to a square (chest radiographs are near-square; CheXpert's
+320-px short side is stretched), which keeps the whole field of view.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from ms_cxr.data import synthetic
+
+
+def decode(ref: str, size_px: int) -> np.ndarray:
+  """Reads an image reference and returns uint8 grayscale [size_px, size_px].
+
+  Args:
+    ref: a file path (PNG/JPEG, 8 or 16 bit, grayscale or RGB) or a `synthetic:<seed>:<index>` reference.
+    size_px: output side.
+
+  Raises:
+    ValueError: naming the file when it is missing, truncated or not an image.
+  """
+  if ref.startswith('synthetic:'):
+    return synthetic.load(ref, size_px)
+  try:
+    with Image.open(ref) as img:
+      img.load()
+      pixels = to_uint8_grayscale(img)
+  except (OSError, SyntaxError, ValueError) as e:
+    raise ValueError(f'{ref}: cannot read image ({e})') from None
+  return resize(pixels, size_px)
+
+
+def to_uint8_grayscale(img: Image.Image) -> np.ndarray:
+  """PIL image of any common mode -> uint8 grayscale array; 16-bit images are scaled by their bit
+  depth."""
+  if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+    arr = np.asarray(img, dtype=np.float64)
+    peak = 65535.0 if arr.max() > 4095 else 4095.0 if arr.max() > 255 else 255.0
+    return np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
+  if img.mode != 'L':
+    img = img.convert('L')
+  return np.asarray(img, dtype=np.uint8)
+
+
+def resize(pixels: np.ndarray, size_px: int) -> np.ndarray:
+  """Square resize with area-averaging when shrinking (no aliasing of fine findings), bilinear when
+  growing."""
+  if pixels.shape == (size_px, size_px):
+    return pixels
+  img = Image.fromarray(pixels)
+  shrinking = min(pixels.shape) > size_px
+  return np.asarray(img.resize((size_px, size_px), Image.BOX if shrinking else Image.BILINEAR))
+
+
+def augment(
+  pixels: np.ndarray, rng: np.random.Generator, config: ml_collections.ConfigDict
+) -> np.ndarray:
+  """Random small affine (rotate, scale, translate), optional horizontal flip, contrast/brightness
+  jitter.
+
+  Args:
+    pixels: uint8 [size, size].
+    rng: the per-example generator (Grain derives it from the pipeline seed and the example index).
+    config: `data.augment`.
+  """
+  size = pixels.shape[0]
+  angle = math.radians(rng.uniform(-config.max_rotate_deg, config.max_rotate_deg))
+  scale = rng.uniform(*config.scale_range)
+  tx, ty = rng.uniform(-config.max_translate, config.max_translate, size=2) * size
+  # PIL's affine maps output to input coordinates: invert rotation+scale about the centre, then
+  # shift.
+  cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+  c = (size - 1) / 2.0
+  matrix = (cos, sin, c - cos * c - sin * c - tx, -sin, cos, c + sin * c - cos * c - ty)
+  img = Image.fromarray(pixels).transform(
+    (size, size), Image.AFFINE, matrix, resample=Image.BILINEAR, fillcolor=0
+  )
+  out = np.asarray(img, dtype=np.float32)
+  if config.hflip and rng.random() < 0.5:
+    out = out[:, ::-1]
+  if config.max_contrast > 0:
+    gain = 1.0 + rng.uniform(-config.max_contrast, config.max_contrast)
+    bias = rng.uniform(-config.max_contrast, config.max_contrast) * 255.0
+    out = (out - 127.5) * gain + 127.5 + bias
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)

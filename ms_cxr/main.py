@@ -1,0 +1,131 @@
+r"""Command-line entry point.
+
+  python -m ms_cxr.main --config=configs/FILE.py[:ARGS] --workdir=DIR \
+    [--config.SECTION.FIELD=VALUE ...] --mode=train|evaluate|train_and_evaluate|summary
+
+Problems a user can fix (bad config, missing checkpoint, unreadable input) end with one line on stderr and exit
+status 2; a non-finite loss exits with status 3 after keeping the last good checkpoint.
+"""
+
+import re
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ms_cxr import evaluate, models, train
+from ms_cxr.errors import UserError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+  'config', None, 'Config file, e.g. configs/densenet.py:dataset=nih.'
+)
+flags.DEFINE_string(
+  'workdir', None, 'Directory for config.json, checkpoints, TensorBoard files, reports.'
+)
+flags.DEFINE_enum(
+  'mode',
+  'train_and_evaluate',
+  ['train', 'evaluate', 'train_and_evaluate', 'summary'],
+  'What to run.',
+)
+flags.mark_flags_as_required(['config'])
+
+EXIT_USER_ERROR = 2
+EXIT_NON_FINITE = 3
+
+
+def summary(config) -> None:
+  """Prints the parameter count (`params: N`) and each variable collection's size, without
+  training."""
+  model = models.create_model(config.model, len(config.data.labels))
+  size = config.data.size_px
+  variables = jax.eval_shape(
+    lambda: model.init(
+      jax.random.key(0), jax.numpy.zeros((1, size, size, 1), jax.numpy.uint8), train=False
+    )
+  )
+  print(f'model: {config.model.name}, {len(config.data.labels)} labels, {size} px')
+  print(f'params: {train.count_params(variables["params"])}')
+  for collection in sorted(variables):
+    if collection != 'params':
+      print(f'{collection}: {train.count_params(variables[collection])}')
+
+
+class _QuietLibraries(logging.logging.Filter):
+  """Drops INFO chatter of checkpointing and input libraries; their warnings and errors still
+  show."""
+
+  NOISY = ('/orbax/', '/grain/', '/etils/', '/jax/_src/')
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.logging.WARNING or not any(
+      part in record.pathname for part in self.NOISY
+    )
+
+
+def run(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    config = FLAGS.config
+    config.data  # noqa: B018 -- a config file that failed to load raises here, not at parse time
+  except OSError as e:
+    raise UserError(' '.join(str(e).split())) from None
+  if FLAGS.mode == 'summary':
+    summary(config)
+    return
+  if not FLAGS.workdir:
+    raise UserError('--workdir is required for --mode=' + FLAGS.mode)
+  logging.info(
+    'JAX %s on %d %s device(s)', jax.__version__, jax.device_count(), jax.default_backend()
+  )
+  if FLAGS.mode in ('train', 'train_and_evaluate'):
+    train.train_and_evaluate(config, FLAGS.workdir)
+  if FLAGS.mode in ('evaluate', 'train_and_evaluate'):
+    result = evaluate.evaluate(config, FLAGS.workdir)
+    if jax.process_index() == 0:
+      print(evaluate.format_table(result))
+
+
+def _one_line(error: Exception, argv: list[str]) -> str:
+  """A readable one-line message for a flag-parsing failure."""
+  text = str(error.args[0]) if error.args else str(error)
+  if isinstance(error, KeyError | AttributeError):
+    # ml_collections reports e.g. 'num_stepz' ... Did you mean "num_steps" instead of "num_stepz"?
+    key = re.search(r'[A-Za-z_]\w*', text)
+    key = key.group(0) if key else text
+    hint = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', text)
+    flag = next((a.split('=')[0] for a in argv if a.startswith('--config.') and key in a), key)
+    return f'{flag}: the config has no field {key!r}.' + (f' {hint.group(0)}' if hint else '')
+  if (
+    'Error whilst parsing config file' in text
+  ):  # the config file's own error, without its traceback
+    text = text.strip().splitlines()[-1]
+  return ' '.join(text.split())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a bad flag or config override reported as one line (exit 2)."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    print(f'error: {_one_line(e, argv)}', file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def main(argv) -> None:
+  try:
+    run(argv)
+  except train.NonFiniteLossError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(EXIT_NON_FINITE)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,44 @@
+"""Model construction from config."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from ms_cxr.models import densenet
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def create_model(
+  model_config: ml_collections.ConfigDict, num_labels: int, axis_name: str | None = None
+) -> nn.Module:
+  """Builds the configured network.
+
+  Args:
+    model_config: the `model` section of the config.
+    num_labels: outputs of the multi-label head.
+    axis_name: device axis for synchronised BatchNorm statistics in training (None outside a mapped step).
+
+  Returns:
+    An unbound Flax module called as `model.apply(variables, images, train=..., size_px=...)`.
+
+  Raises:
+    ValueError: for an unknown model name or dtype.
+  """
+  if model_config.name not in densenet.PRESETS:
+    raise ValueError(
+      f'config.model.name={model_config.name!r} is unknown; expected one of {sorted(densenet.PRESETS)}'
+    )
+  if model_config.dtype not in DTYPES:
+    raise ValueError(f'config.model.dtype={model_config.dtype!r}; expected one of {sorted(DTYPES)}')
+  return densenet.DenseNet(
+    **densenet.PRESETS[model_config.name],
+    num_classes=num_labels,
+    dtype=DTYPES[model_config.dtype],
+    axis_name=axis_name,
+    bn_momentum=model_config.bn_momentum,
+    bn_epsilon=model_config.bn_epsilon,
+    remat=model_config.remat,
+  )

@@ -1,0 +1,145 @@
+"""DenseNet (Huang et al. 2017) in Flax linen, with the normalisation layer injected.
+
+The layout and names follow torchvision's DenseNet-121 (conv0/norm0, denseblockN/denselayerM/{norm1,conv1,norm2,
+conv2}, transitionN/{norm,conv}, norm5, classifier) so ImageNet weights convert one to one. The norm layer is a
+`ModuleDef` (a partially applied module class) so size-specific BatchNorm drops in without touching the network.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+
+# ImageNet statistics: the stem expects them, so ImageNet-initialised weights see familiar inputs.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+  """uint8 (or [0, 1] float) grayscale/RGB images [B, H, W, 1|3] -> ImageNet-normalised float32 [B,
+  H, W, 3].
+
+  Grayscale radiographs are repeated over three channels so the stem matches torchvision's (3 input channels).
+  """
+  x = images.astype(jnp.float32)
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    x = x / 255.0
+  if x.shape[-1] == 1:
+    x = jnp.broadcast_to(x, (*x.shape[:-1], 3))
+  return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+
+
+class DenseLayer(nn.Module):
+  """BN-ReLU-Conv1x1 bottleneck then BN-ReLU-Conv3x3, producing `growth_rate` new feature maps."""
+
+  growth_rate: int
+  bn_size: int
+  norm: ModuleDef
+  conv: ModuleDef
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nn.relu(self.norm(name='norm1')(x))
+    y = self.conv(self.bn_size * self.growth_rate, (1, 1), name='conv1')(y)
+    y = nn.relu(self.norm(name='norm2')(y))
+    return self.conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
+
+
+class DenseNet(nn.Module):
+  """DenseNet classifier with a multi-label head (one logit per label, float32 out).
+
+  Attributes:
+    block_sizes: dense layers per block; (6, 12, 24, 16) is DenseNet-121.
+    growth_rate: feature maps each dense layer adds.
+    num_init_features: channels of the stem convolution.
+    bn_size: bottleneck width as a multiple of growth_rate.
+    compression: channel reduction of each transition.
+    num_classes: number of labels.
+    norm: normalisation ModuleDef, called as `norm(name=...)`; receives use_running_average, momentum, epsilon,
+      dtype and axis_name, plus `size_px` when the network is called with one (size-specific norms).
+    dtype: compute dtype; parameters stay float32.
+    axis_name: mapped axis over which training-mode BatchNorm statistics are averaged (synchronised BN).
+    bn_momentum: running-average momentum (Flax convention).
+    bn_epsilon: BatchNorm epsilon (torchvision: 1e-5).
+    remat: rematerialise dense layers in the backward pass (less activation memory, more compute).
+  """
+
+  block_sizes: Sequence[int] = (6, 12, 24, 16)
+  growth_rate: int = 32
+  num_init_features: int = 64
+  bn_size: int = 4
+  compression: float = 0.5
+  num_classes: int = 14
+  norm: ModuleDef = nn.BatchNorm
+  dtype: Any = jnp.float32
+  axis_name: str | None = None
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool, size_px: int | None = None) -> jax.Array:
+    """Logits [batch, num_classes] (float32) for uint8 images [batch, height, width, 1 or 3]."""
+    conv = functools.partial(
+      nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=nn.initializers.kaiming_normal()
+    )
+    norm = functools.partial(
+      self.norm,
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=self.bn_epsilon,
+      dtype=self.dtype,
+      # Synchronised BN: statistics over the global batch, so every replica normalises identically.
+      axis_name=self.axis_name if train else None,
+    )
+    if size_px is not None:
+      norm = functools.partial(norm, size_px=size_px)
+    layer_cls = nn.remat(DenseLayer) if self.remat else DenseLayer
+
+    x = normalize_images(x).astype(self.dtype)
+    x = conv(
+      self.num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name='conv0'
+    )(x)
+    x = nn.relu(norm(name='norm0')(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    channels = self.num_init_features
+    for block_index, num_layers in enumerate(self.block_sizes):
+      block = f'denseblock{block_index + 1}'
+      for layer_index in range(num_layers):
+        layer = layer_cls(
+          self.growth_rate, self.bn_size, norm, conv, name=f'{block}_denselayer{layer_index + 1}'
+        )
+        x = jnp.concatenate([x, layer(x)], axis=-1)
+        channels += self.growth_rate
+      if block_index + 1 < len(self.block_sizes):
+        transition = f'transition{block_index + 1}'
+        x = nn.relu(norm(name=f'{transition}_norm')(x))
+        channels = int(channels * self.compression)
+        x = conv(channels, (1, 1), name=f'{transition}_conv')(x)
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+    x = nn.relu(norm(name='norm5')(x))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
+    return x.astype(jnp.float32)
+
+
+# Architectures by name. The tiny and small presets keep the DenseNet structure (dense blocks,
+# transitions,
+# bottlenecks) at a size that compiles in seconds (tests) or trains in minutes on a CPU (demo).
+PRESETS = {
+  'densenet121': dict(block_sizes=(6, 12, 24, 16), growth_rate=32, num_init_features=64, bn_size=4),
+  'densenet169': dict(block_sizes=(6, 12, 32, 32), growth_rate=32, num_init_features=64, bn_size=4),
+  'densenet201': dict(block_sizes=(6, 12, 48, 32), growth_rate=32, num_init_features=64, bn_size=4),
+  'densenet_small': dict(block_sizes=(2, 4, 6, 4), growth_rate=16, num_init_features=32, bn_size=4),
+  'densenet_tiny': dict(block_sizes=(1, 1, 1, 1), growth_rate=8, num_init_features=16, bn_size=2),
+}

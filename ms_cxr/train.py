@@ -1,0 +1,364 @@
+"""Training: `train_and_evaluate(config, workdir)` is the whole run, top to bottom.
+
+Sections: workdir and logging / input pipeline / model and optimizer / update step / load checkpoint
+/ train loop.
+Running it again on the same workdir resumes from the latest checkpoint, data order included.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+from jax import lax
+
+from ms_cxr import checkpointing, config_lib, losses, metric_writers, metrics, models, parallel
+from ms_cxr.data import datasets, pipeline
+from ms_cxr.data.records import Record, label_matrix
+from ms_cxr.errors import UserError
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state and step, plus BatchNorm running statistics."""
+
+  batch_stats: Any
+
+
+class NonFiniteLossError(UserError):
+  """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and optimizer
+# --------------------------------------------------------------------------------------------------
+
+
+def create_learning_rate_schedule(
+  optim: ml_collections.ConfigDict, num_steps: int
+) -> optax.Schedule:
+  """Warm-up (linear from 0), then constant | step | cosine."""
+  lr = optim.learning_rate
+  decay_steps = max(num_steps - optim.warmup_steps, 1)
+  if optim.schedule == 'constant':
+    main = optax.constant_schedule(lr)
+  elif optim.schedule == 'step':
+    main = optax.piecewise_constant_schedule(
+      lr, {int(b) - optim.warmup_steps: optim.step_factor for b in optim.step_boundaries}
+    )
+  elif optim.schedule == 'cosine':
+    main = optax.cosine_decay_schedule(lr, decay_steps, alpha=optim.cosine_final_fraction)
+  else:
+    raise UserError(
+      f"config.optim.schedule={optim.schedule!r}; expected 'constant', 'step' or 'cosine'"
+    )
+  if optim.warmup_steps <= 0:
+    return main
+  warmup = optax.linear_schedule(0.0, lr, optim.warmup_steps)
+  return optax.join_schedules([warmup, main], [optim.warmup_steps])
+
+
+def create_optimizer(
+  optim: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+  """Adam, AdamW (decoupled decay) or SGD with momentum; optional global-norm clipping."""
+  parts = []
+  if optim.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
+  if optim.name == 'adamw':
+    parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
+  elif optim.name in ('adam', 'sgd'):
+    if optim.weight_decay > 0:  # classic L2: added to the gradient before the update rule
+      parts.append(optax.add_decayed_weights(optim.weight_decay))
+    if optim.name == 'adam':
+      parts.append(optax.adam(schedule, b1=optim.b1, b2=optim.b2))
+    else:
+      parts.append(optax.sgd(schedule, momentum=optim.momentum, nesterov=optim.nesterov))
+  else:
+    raise UserError(f"config.optim.name={optim.name!r}; expected 'adam', 'adamw' or 'sgd'")
+  return optax.chain(*parts)
+
+
+def create_train_state(
+  config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation
+) -> TrainState:
+  """Initialises parameters (from `config.train.seed`) and optimizer state on the host."""
+  size = config.data.size_px
+  images = jnp.zeros((1, size, size, 1), jnp.uint8)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+    jax.random.key(config.train.seed), images
+  )
+  return TrainState.create(
+    apply_fn=model.apply, params=variables['params'], tx=tx, batch_stats=variables['batch_stats']
+  )
+
+
+def count_params(tree: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Update and prediction steps, written for one device (see ms_cxr.parallel)
+# --------------------------------------------------------------------------------------------------
+
+
+def train_step(
+  state: TrainState, batch: Batch, *, label_weights: jax.Array | None, axis_name: str
+) -> tuple[TrainState, Metrics]:
+  """One optimisation step on this device's share of the global batch."""
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+      {'params': params, 'batch_stats': state.batch_stats},
+      batch['image'],
+      train=True,
+      mutable=['batch_stats'],
+    )
+    loss_sum, count = losses.masked_bce_sum(logits, batch['labels'], label_weights)
+    # Divide by the global number of known labels: each replica then holds its share of the global
+    # mean loss,
+    # and summing the shares' gradients gives exactly the gradient of one device seeing the whole
+    # batch.
+    global_count = jnp.maximum(lax.psum(count, axis_name), 1.0)
+    return loss_sum / global_count, updates['batch_stats']
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  # psum so every replica applies the same update (the global-batch gradient).
+  grads = lax.psum(grads, axis_name)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  step_metrics = {
+    'loss': lax.psum(loss, axis_name),
+    'l2_grads': optax.tree.norm(grads),
+    'l2_params': optax.tree.norm(new_state.params),
+  }
+  return new_state, step_metrics
+
+
+def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+  """Probabilities for this device's examples (BatchNorm in inference mode)."""
+  logits = state.apply_fn(
+    {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False
+  )
+  return {'probs': jax.nn.sigmoid(logits), 'index': batch['index'], 'valid': batch['valid']}
+
+
+def predict(
+  p_eval_step: Any,
+  state: TrainState,
+  records: list[Record],
+  config: ml_collections.ConfigDict,
+  dp: parallel.DataParallel,
+) -> np.ndarray:
+  """Probabilities [len(records), num_labels] in record order."""
+  ds = pipeline.eval_dataset(
+    records,
+    config.data,
+    size_px=config.data.size_px,
+    global_batch_size=config.eval.batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  probs = np.zeros((len(records), len(config.data.labels)), np.float32)
+  for batch in ds:
+    out = dp.gather(p_eval_step(state, dp.shard_batch(batch)))
+    keep = out['valid']
+    probs[out['index'][keep]] = out['probs'][keep]
+  return probs
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Creates the workdir and writes the resolved config; a one-line error if it is not writable."""
+  if jax.process_index() != 0:
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, 'config.json')
+    with open(path + '.tmp', 'w') as f:
+      f.write(config_lib.to_json(config))
+    os.replace(path + '.tmp', path)
+  except OSError as e:
+    raise UserError(f'workdir {workdir!r} is not writable: {e.strerror}') from None
+
+
+def validate_config(config: ml_collections.ConfigDict, dp: parallel.DataParallel) -> None:
+  """Checks that fail fast, before any compilation."""
+  for name in ('train.global_batch_size', 'eval.batch_size'):
+    value = config.train.global_batch_size if name.startswith('train') else config.eval.batch_size
+    if value <= 0 or value % dp.num_devices:
+      raise UserError(
+        f'config.{name}={value} must be a positive multiple of {dp.num_devices} devices'
+      )
+  if config.train.label_weights and len(config.train.label_weights) != len(config.data.labels):
+    raise UserError(
+      f'config.train.label_weights has {len(config.train.label_weights)} values; '
+      f'expected one per label ({len(config.data.labels)})'
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains (resuming from `workdir` if it has a checkpoint) and returns the final state.
+
+  Args:
+    config: the resolved config.
+    workdir: where config.json, checkpoints and TensorBoard files go.
+
+  Returns:
+    The final train state (replicated per `config.parallel.api`).
+  """
+  # --- workdir and logging ------------------------------------------------------------------------
+  dp = parallel.DataParallel.create(config.parallel.api, config.parallel.num_devices)
+  validate_config(config, dp)
+  prepare_workdir(config, workdir)
+  writer = metric_writers.MetricWriter(workdir)
+  labels = tuple(config.data.labels)
+
+  # --- input pipeline -----------------------------------------------------------------------------
+  train_records = datasets.load_split(config.data, 'train')
+  val_records = (
+    datasets.load_split(config.data, config.eval.val_split) if config.train.eval_every_steps else []
+  )
+  train_iter = iter(
+    pipeline.train_dataset(
+      train_records,
+      config.data,
+      size_px=config.data.size_px,
+      global_batch_size=config.train.global_batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+  )
+  writer.log(
+    f'{config.data.dataset}: {len(train_records)} train / {len(val_records)} validation images, '
+    f'{len(labels)} labels, {config.data.size_px} px'
+  )
+
+  # --- model and optimizer ------------------------------------------------------------------------
+  model = models.create_model(config.model, len(labels), axis_name=parallel.AXIS)
+  schedule = create_learning_rate_schedule(config.optim, config.train.num_steps)
+  state = create_train_state(config, model, create_optimizer(config.optim, schedule))
+  writer.log(f'{config.model.name}: {count_params(state.params):,} parameters')
+
+  # --- update step --------------------------------------------------------------------------------
+  label_weights = (
+    jnp.asarray(config.train.label_weights, jnp.float32) if config.train.label_weights else None
+  )
+  p_train_step = dp.compile(
+    functools.partial(train_step, label_weights=label_weights, axis_name=parallel.AXIS),
+    donate_state=True,
+  )
+  p_eval_step = dp.compile(eval_step, sharded_output=True)
+
+  # --- load checkpoint ----------------------------------------------------------------------------
+  ckpt = checkpointing.Checkpointer(workdir, config.ckpt)
+  replicated = jax.sharding.NamedSharding(dp.mesh, jax.sharding.PartitionSpec())
+  if ckpt.latest_step() is not None:
+    manager, step = ckpt.resolve_step('latest')
+    state, _ = ckpt.restore(
+      manager,
+      step,
+      checkpointing.abstract_like(state, replicated),
+      checkpointing.checkpoint_meta(config),
+      data_iter=train_iter,
+    )
+    writer.log(f'resumed from step {step}')
+  best_score = ckpt.best_score()
+  first_step = int(state.step)
+  state = dp.replicate(state)
+
+  # --- train loop ---------------------------------------------------------------------------------
+  progress = metric_writers.ReportProgress(
+    config.train.num_steps, config.train.global_batch_size, first_step
+  )
+  pending: list[
+    tuple[int, Metrics]
+  ] = []  # per-step metrics not yet fetched (fetching would stall dispatch)
+  last_saved = first_step
+
+  def flush(step: int) -> dict[str, float]:
+    """Fetches pending metrics; raises on the first non-finite loss, before anything is saved."""
+    fetched = jax.device_get([m for _, m in pending])
+    for (s, _), m in zip(pending, fetched, strict=True):
+      if not math.isfinite(float(np.ravel(m['loss'])[0])):
+        raise NonFiniteLossError(
+          f'loss is {float(np.ravel(m["loss"])[0])} at step {s}; stopping. The last good checkpoint '
+          f'(step {last_saved}) is kept in {workdir}/checkpoints'
+        )
+    pending.clear()
+    means = {k: float(np.mean([np.ravel(m[k])[0] for m in fetched])) for k in fetched[0]}
+    means['learning_rate'] = float(schedule(step - 1))
+    return means
+
+  def save(step: int, *, best: bool = False, extra: dict | None = None) -> None:
+    host_state = dp.unreplicate(state)
+    meta = checkpointing.checkpoint_meta(config, step=step, **(extra or {}))
+    ckpt.save(step, host_state, train_iter, meta, best=best)
+
+  try:
+    for step in range(first_step + 1, config.train.num_steps + 1):
+      batch = dp.shard_batch(next(train_iter))
+      state, step_metrics = p_train_step(state, batch)
+      pending.append((step, step_metrics))
+
+      is_last = step == config.train.num_steps
+      if step % config.train.log_every_steps == 0 or is_last:
+        scalars = flush(step)
+        images_per_sec, eta = progress(step)
+        scalars['images_per_sec'] = images_per_sec
+        writer.write_scalars(step, scalars, prefix='train/')
+        writer.log(
+          f'step {step}/{config.train.num_steps}  loss {scalars["loss"]:.4f}  '
+          f'lr {scalars["learning_rate"]:.2e}  {images_per_sec:.1f} images/s  '
+          f'ETA {eta / 60:.1f} min'
+        )
+
+      eval_now = config.train.eval_every_steps and (
+        step % config.train.eval_every_steps == 0 or is_last
+      )
+      if eval_now:
+        flush(step) if pending else None
+        probs = predict(p_eval_step, state, val_records, config, dp)
+        per_class = metrics.per_class_auroc(probs, label_matrix(val_records, len(labels)), labels)
+        score = metrics.mean_auroc(per_class)
+        writer.write_scalars(
+          step, {'mean_auroc': score if score is not None else float('nan')}, prefix='val/'
+        )
+        writer.log(f'step {step}  validation mean AUROC {score}')
+        if score is not None and (best_score is None or score > best_score):
+          best_score = score
+          save(step, best=True, extra={'val_mean_auroc': score})
+
+      if step % config.ckpt.every_steps == 0 or is_last:
+        flush(step) if pending else None
+        save(step)
+        last_saved = step
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return state
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes JSON through a temporary file so a reader never sees half a file."""
+  with open(path + '.tmp', 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write('\n')
+  os.replace(path + '.tmp', path)

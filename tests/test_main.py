@@ -1,0 +1,86 @@
+"""The command line: summary, and one-line errors with a non-zero exit for bad input."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+
+def _main(*args, env=None):
+  return subprocess.run(
+    [sys.executable, '-m', 'ms_cxr.main', *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})},
+  )
+
+
+def _last_line(result):
+  return result.stderr.strip().splitlines()[-1]
+
+
+def test_summary_prints_densenet121_parameter_count():
+  result = _main('--config=configs/densenet.py:dataset=nih', '--mode=summary')
+  assert result.returncode == 0, result.stderr
+  assert 'params: 6968206' in result.stdout.splitlines()
+  assert 'batch_stats: 83648' in result.stdout.splitlines()
+
+
+def test_unknown_config_field_is_a_one_line_error(tmp_path):
+  result = _main(
+    '--config=configs/densenet.py:smoke', f'--workdir={tmp_path}', '--config.train.num_stepz=3'
+  )
+  assert result.returncode != 0
+  assert 'num_stepz' in _last_line(result)
+  assert not (tmp_path / 'config.json').exists()
+
+
+def test_unknown_config_argument_is_an_error(tmp_path):
+  result = _main('--config=configs/densenet.py:smok', f'--workdir={tmp_path}')
+  assert result.returncode != 0
+  assert "'smok' is unknown" in result.stderr
+
+
+def test_evaluating_an_empty_workdir_is_a_one_line_error(tmp_path):
+  result = _main('--config=configs/densenet.py:smoke', f'--workdir={tmp_path}', '--mode=evaluate')
+  assert result.returncode == 2
+  assert (
+    _last_line(result)
+    == f"error: no checkpoints in workdir '{tmp_path}' (train it first, or check the path)"
+  )
+  assert 'Traceback' not in result.stderr
+
+
+def test_non_writable_workdir_is_a_one_line_error(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  result = _main('--config=configs/densenet.py:smoke', f'--workdir={blocker}/run')
+  assert result.returncode == 2
+  assert _last_line(result).startswith(f"error: workdir '{blocker}/run' is not writable")
+  assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('step', ['7'])
+def test_missing_checkpoint_step_is_an_error_and_leaves_checkpoints(tmp_path, step):
+  workdir = tmp_path / 'run'
+  trained = _main(
+    '--config=configs/densenet.py:smoke',
+    f'--workdir={workdir}',
+    '--mode=train',
+    '--config.train.eval_every_steps=0',
+  )
+  assert trained.returncode == 0, trained.stderr[-2000:]
+  before = sorted(os.listdir(workdir / 'checkpoints' / 'latest'))
+  result = _main(
+    '--config=configs/densenet.py:smoke',
+    f'--workdir={workdir}',
+    '--mode=evaluate',
+    f'--config.eval.step={step}',
+  )
+  assert result.returncode == 2
+  assert _last_line(result).startswith(f'error: no checkpoint at step {step} in ')
+  assert sorted(os.listdir(workdir / 'checkpoints' / 'latest')) == before == ['12', '6']

@@ -1,0 +1,69 @@
+"""DenseNet: parameter counts of the published architecture, dtypes, input normalisation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ms_cxr.models import densenet
+
+
+def _variables(model, size=64):
+  return jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 1), jnp.uint8), train=False)
+  )
+
+
+def _count(tree):
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def test_densenet121_has_torchvision_parameter_count():
+  variables = _variables(densenet.DenseNet(num_classes=14, **densenet.PRESETS['densenet121']))
+  assert _count(variables['params']) == 6_968_206
+  # Running mean and variance for each of the 41,824 BatchNorm channels.
+  assert _count(variables['batch_stats']) == 83_648
+  assert variables['params']['classifier']['kernel'].shape == (1024, 14)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model = densenet.DenseNet(num_classes=3, dtype=jnp.bfloat16, **densenet.PRESETS['densenet_tiny'])
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 1)), jnp.uint8)
+  variables = model.init(jax.random.key(0), images, train=False)
+  assert {x.dtype for x in jax.tree.leaves(variables['params'])} == {jnp.dtype(jnp.float32)}
+  logits = model.apply(variables, images, train=False)
+  assert logits.dtype == jnp.float32
+  reference = densenet.DenseNet(num_classes=3, **densenet.PRESETS['densenet_tiny']).apply(
+    variables, images, train=False
+  )
+  np.testing.assert_allclose(logits, reference, atol=0.1)
+
+
+def test_normalize_images_repeats_gray_over_channels_with_imagenet_stats():
+  images = jnp.asarray([[[[0]], [[255]]]], jnp.uint8)  # [1, 2, 1, 1]
+  out = np.asarray(densenet.normalize_images(images))
+  assert out.shape == (1, 2, 1, 3)
+  np.testing.assert_allclose(
+    out[0, 0, 0], -np.array(densenet.IMAGENET_MEAN) / densenet.IMAGENET_STD, rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    out[0, 1, 0], (1 - np.array(densenet.IMAGENET_MEAN)) / densenet.IMAGENET_STD, rtol=1e-6
+  )
+
+
+def test_remat_gives_the_same_gradients():
+  kwargs = dict(num_classes=2, **densenet.PRESETS['densenet_tiny'])
+  images = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 32, 32, 1)), jnp.uint8)
+  plain, remat = densenet.DenseNet(**kwargs), densenet.DenseNet(remat=True, **kwargs)
+  variables = plain.init(jax.random.key(0), images, train=False)
+
+  def grads(model):
+    def loss(params):
+      logits, _ = model.apply(
+        {**variables, 'params': params}, images, train=True, mutable=['batch_stats']
+      )
+      return jnp.sum(logits**2)
+
+    return jax.grad(loss)(variables['params'])
+
+  for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,84 @@
+"""The per-device step under shard_map and pmap on 2 fake CPU devices equals one device on the whole
+batch."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from ms_cxr import models, parallel, train
+
+NUM_LABELS = 5
+
+
+def _batches(num=3, batch=8, size=32):
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(num):
+    labels = (rng.random((batch, NUM_LABELS)) < 0.3).astype(np.float32)
+    labels[rng.random((batch, NUM_LABELS)) < 0.2] = np.nan  # unknown labels, unevenly spread
+    out.append(
+      {'image': rng.integers(0, 256, (batch, size, size, 1), dtype=np.uint8), 'labels': labels}
+    )
+  return out
+
+
+def _train(config, api, num_devices):
+  dp = parallel.DataParallel.create(api, num_devices)
+  model = models.create_model(config.model, NUM_LABELS, axis_name=parallel.AXIS)
+  schedule = train.create_learning_rate_schedule(config.optim, 10)
+  state = dp.replicate(
+    train.create_train_state(config, model, train.create_optimizer(config.optim, schedule))
+  )
+  step = dp.compile(
+    functools.partial(train.train_step, label_weights=None, axis_name=parallel.AXIS),
+    donate_state=True,
+  )
+  losses = []
+  for batch in _batches():
+    state, metrics = step(state, dp.shard_batch(batch))
+    losses.append(float(np.ravel(metrics['loss'])[0]))
+  state = dp.unreplicate(state)
+  return jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}), losses
+
+
+def _max_diff(a, b):
+  return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
+
+
+@pytest.fixture
+def config(smoke_config):
+  smoke_config.data.size_px = 32
+  # SGD with momentum: its update is linear in the gradient, so float-level gradient differences
+  # stay
+  # float-level (Adam divides by sqrt(v) and magnifies noise on near-zero gradients).
+  smoke_config.optim.name = 'sgd'
+  smoke_config.optim.learning_rate = 0.1
+  return smoke_config
+
+
+def test_two_devices_match_one_device_with_synchronised_batchnorm(config):
+  assert jax.device_count() == 2
+  single, single_losses = _train(config, 'shard_map', 1)
+  sharded, sharded_losses = _train(config, 'shard_map', 2)
+  pmapped, pmapped_losses = _train(config, 'pmap', 2)
+  assert _max_diff(sharded, pmapped) < 1e-6
+  assert _max_diff(single, sharded) < 1e-4
+  np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
+  np.testing.assert_allclose(pmapped_losses, single_losses, rtol=1e-5)
+  # The steps really trained: parameters and running statistics moved.
+  assert single['batch_stats']['norm5']['mean'].std() > 0
+
+
+def test_shard_map_and_pmap_agree_with_adam(smoke_config):
+  smoke_config.data.size_px = 32
+  sharded, _ = _train(smoke_config, 'shard_map', 2)
+  pmapped, _ = _train(smoke_config, 'pmap', 2)
+  assert _max_diff(sharded, pmapped) < 1e-6
+
+
+def test_batch_that_does_not_split_over_devices_is_an_error():
+  dp = parallel.DataParallel.create('shard_map', 2)
+  with pytest.raises(ValueError, match='does not split over 2 devices'):
+    dp.shard_batch({'x': np.zeros((3, 2))})

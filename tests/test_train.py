@@ -1,0 +1,127 @@
+"""End-to-end training on the synthetic set: resume equivalence, non-finite loss, evaluation
+report."""
+
+import csv
+import json
+
+import jax
+import numpy as np
+import pytest
+from sklearn import metrics as sk_metrics
+
+from ms_cxr import checkpointing, evaluate, train
+from ms_cxr.errors import UserError
+
+
+def _final_params(workdir):
+  """Parameters and batch statistics of the latest checkpoint, as host numpy."""
+  import orbax.checkpoint as ocp
+
+  with ocp.CheckpointManager(f'{workdir}/checkpoints/latest') as manager:
+    step = manager.latest_step()
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  return step, {'params': state['params'], 'batch_stats': state['batch_stats']}
+
+
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(smoke_config, tmp_path, monkeypatch):
+  smoke_config.ckpt.async_save = False
+  train.train_and_evaluate(smoke_config, str(tmp_path / 'straight'))
+
+  # Preemption right after the step-6 checkpoint: the process dies, the same command runs again.
+  original_save = checkpointing.Checkpointer.save
+
+  def save_then_die(self, step, *args, best=False, **kwargs):
+    original_save(self, step, *args, best=best, **kwargs)
+    if step == 6 and not best:
+      self.wait()
+      raise KeyboardInterrupt('preempted')
+
+  monkeypatch.setattr(checkpointing.Checkpointer, 'save', save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(smoke_config, str(tmp_path / 'resumed'))
+  assert _final_params(tmp_path / 'resumed')[0] == 6
+  monkeypatch.setattr(checkpointing.Checkpointer, 'save', original_save)
+  train.train_and_evaluate(smoke_config, str(tmp_path / 'resumed'))
+
+  step_a, straight = _final_params(tmp_path / 'straight')
+  step_b, resumed = _final_params(tmp_path / 'resumed')
+  assert step_a == step_b == smoke_config.train.num_steps
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # And training did change something: the restarted run is not trivially equal to its initial
+  # state.
+  assert not np.allclose(straight['params']['classifier']['kernel'], 0)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints(smoke_config, tmp_path):
+  smoke_config.ckpt.async_save = False
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(smoke_config, workdir)
+  before = _final_params(workdir)
+
+  smoke_config.train.num_steps = 18
+  smoke_config.train.label_weights = (float('nan'),) * len(smoke_config.data.labels)
+  with pytest.raises(train.NonFiniteLossError, match='at step 13'):
+    train.train_and_evaluate(smoke_config, workdir)
+  after = _final_params(workdir)
+  assert after[0] == before[0] == 12
+  for a, b in zip(jax.tree.leaves(before[1]), jax.tree.leaves(after[1]), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory):
+  from configs import densenet
+
+  config = densenet.get_config('smoke')
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def test_metrics_json_equals_sklearn_on_predictions_csv(trained_workdir):
+  config, workdir = trained_workdir
+  result = evaluate.evaluate(config, workdir)
+  with open(f'{workdir}/eval/test/metrics.json') as f:
+    written = json.load(f)
+  assert written == json.loads(json.dumps(result))
+  assert written['checkpoint_step'] == config.train.num_steps
+  assert written['num_images'] == config.data.synthetic.num_test
+  with open(f'{workdir}/eval/test/predictions.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == written['num_images'] and len({r['id'] for r in rows}) == len(rows)
+  aurocs = []
+  for label in written['labels']:
+    targets = [float(r[f'{label}_target']) for r in rows if r[f'{label}_target'] != '']
+    probs = [float(r[f'{label}_prob']) for r in rows if r[f'{label}_target'] != '']
+    if len(set(targets)) < 2:
+      assert written['per_class_auroc'][label] is None
+      continue
+    expected = sk_metrics.roc_auc_score(targets, probs)
+    assert written['per_class_auroc'][label] == pytest.approx(expected, abs=1e-12)
+    aurocs.append(expected)
+  assert written['mean_auroc'] == pytest.approx(np.mean(aurocs), abs=1e-12)
+
+
+def test_evaluate_best_and_specific_steps(trained_workdir):
+  config, workdir = trained_workdir
+  config = config.copy_and_resolve_references()
+  config.eval.checkpoint = 'best'
+  config.eval.name = 'best'
+  best = evaluate.evaluate(config, workdir)
+  assert best['checkpoint_step'] in (6, 12)
+  config.eval.checkpoint = 'latest'
+  config.eval.step = 6
+  config.eval.name = 'step6'
+  assert evaluate.evaluate(config, workdir)['checkpoint_step'] == 6
+  config.eval.step = 7
+  with pytest.raises(UserError, match=r'no checkpoint at step 7 .*available steps: \[6, 12\]'):
+    evaluate.evaluate(config, workdir)
+
+
+def test_mismatched_checkpoint_is_refused(trained_workdir):
+  config, workdir = trained_workdir
+  config = config.copy_and_resolve_references()
+  config.data.labels = tuple(config.data.labels[:3])
+  with pytest.raises(UserError, match='was written with labels='):
+    evaluate.evaluate(config, workdir)
