@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.dataset = 'synthetic'  # synthetic | nih | chexpert | vindr (see ms_cxr.data.datasets)
   data.root = ''  # dataset root as downloaded; unused for synthetic
   data.labels = datasets.default_labels('synthetic')  # label names, in model-output order
-  data.size_px = 224  # square side the model sees
+  data.sizes = (224,)  # square input sides (px); several = multi-scale (see train.multiscale)
   data.seed = 0  # shuffle, augmentation, synthetic rendering and the patient-wise val split
   data.val_fraction = 0.1  # real datasets: share of training patients held out for validation
   data.num_workers = 0  # Grain worker processes (0 = decode in the main process)
@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params stay float32)
   model.bn_momentum = 0.9  # Flax convention: running = momentum * running + (1 - momentum) * batch
   model.bn_epsilon = 1e-5
+  model.norm = (
+    'batchnorm'  # batchnorm (shared by all sizes) | ssbn (a scale/shift and statistics per size)
+  )
   model.remat = False  # rematerialise dense layers: less activation memory, ~30% more compute
 
   # --- optimizer ----------------------------------------------------------------------------------
@@ -72,6 +75,15 @@ def get_config() -> ml_collections.ConfigDict:
   train.log_every_steps = 50
   train.eval_every_steps = 1000  # validation AUROC for the best checkpoint; 0 = never
   train.label_weights = ()  # optional per-label loss weights, one per label (empty = all 1)
+  # Multi-scale training, when data.sizes has several sizes:
+  #   round_robin: one size per step, cycling; random: one size per step drawn with size_probs;
+  #   all: every size of the same images in one step, losses combined by multiscale_loss (mean | sum).
+  train.multiscale = 'round_robin'
+  train.size_probs = ()  # random: one probability per size (empty = uniform)
+  train.multiscale_loss = 'mean'
+  # Gradient accumulation per size (one entry per size, empty = 1): a size's global batch is processed in this
+  # many sequential micro-batches, so large sizes fit in memory while the global batch stays fixed.
+  train.accum_steps = ()
 
   # --- evaluation ---------------------------------------------------------------------------------
   config.eval = ev = ml_collections.ConfigDict()
@@ -81,6 +93,10 @@ def get_config() -> ml_collections.ConfigDict:
   ev.step = -1  # a specific checkpoint step; -1 = use eval.checkpoint
   ev.val_split = 'val'  # split scored during training to keep the best checkpoint
   ev.batch_size = 64  # global
+  # Multi-scale models: how per-size predictions are fused -- mean_prob | mean_logit | max | best_on_val (per
+  # label, the size with the best validation AUROC). Each size alone is reported too.
+  ev.fusion = 'mean_prob'
+  ev.ensemble_workdirs = ''  # comma-separated workdirs: evaluate the mean of their predictions
   ev.max_images = 0  # 0 = the whole split (a positive number evaluates a prefix, for quick checks)
 
   # --- checkpoints --------------------------------------------------------------------------------
@@ -97,10 +113,27 @@ def get_config() -> ml_collections.ConfigDict:
   return config
 
 
+def apply_cpu_experiment(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The README's CPU experiment: a small DenseNet, the same step and image budget for every row of the table."""
+  config.model.name = 'densenet_small'
+  config.train.global_batch_size = 24
+  config.train.num_steps = 300
+  config.train.log_every_steps = 25
+  config.train.eval_every_steps = 150
+  config.ckpt.every_steps = 150
+  config.optim.learning_rate = 2e-3
+  config.optim.schedule = 'cosine'
+  config.optim.warmup_steps = 30
+  config.data.synthetic.num_val = 300
+  config.data.synthetic.num_test = 900
+  return config
+
+
 def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks any config to a run of at most ~2 minutes on a 2-core CPU (tests use this)."""
   config.model.name = 'densenet_tiny'
-  config.data.size_px = min(config.data.size_px, 32)
+  # Small stand-ins keep the number of sizes (and so the multi-scale code paths) of the full config.
+  config.data.sizes = (32, 48, 64)[: len(config.data.sizes)]
   config.data.synthetic.num_train = 256
   config.data.synthetic.num_val = 48
   config.data.synthetic.num_test = 60

@@ -45,7 +45,7 @@ class Checkpointer:
 
     def manager(name: str, max_to_keep: int) -> ocp.CheckpointManager:
       options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
+        max_to_keep=None if read_only else max_to_keep,
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=ckpt_config.async_save and not read_only,

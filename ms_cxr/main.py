@@ -37,20 +37,34 @@ EXIT_NON_FINITE = 3
 
 
 def summary(config) -> None:
-  """Prints the parameter count (`params: N`) and each variable collection's size, without
-  training."""
-  model = models.create_model(config.model, len(config.data.labels))
-  size = config.data.size_px
-  variables = jax.eval_shape(
-    lambda: model.init(
-      jax.random.key(0), jax.numpy.zeros((1, size, size, 1), jax.numpy.uint8), train=False
+  """Prints the parameter count (`params: N`) and each variable collection's size, without training.
+
+  With `--config.eval.ensemble_workdirs`, counts every member (from its config.json) and prints the total.
+  """
+  members = [m.strip() for m in config.eval.ensemble_workdirs.split(',') if m.strip()]
+  configs = [evaluate.load_workdir_config(m) for m in members] or [config]
+  totals: dict[str, int] = {}
+  for member in configs:
+    model = models.create_model(member.model, len(member.data.labels), member.data.sizes)
+    size = member.data.sizes[0]
+    variables = jax.eval_shape(
+      lambda model=model, size=size: model.init(
+        jax.random.key(0), jax.numpy.zeros((1, size, size, 1), jax.numpy.uint8), train=False
+      )
     )
-  )
-  print(f'model: {config.model.name}, {len(config.data.labels)} labels, {size} px')
-  print(f'params: {train.count_params(variables["params"])}')
-  for collection in sorted(variables):
-    if collection != 'params':
-      print(f'{collection}: {train.count_params(variables[collection])}')
+    counts = {name: train.count_params(tree) for name, tree in variables.items()}
+    sizes = ','.join(str(s) for s in member.data.sizes)
+    print(
+      f'model: {member.model.name} ({member.model.norm}), {len(member.data.labels)} labels, '
+      f'sizes {sizes} px: {counts["params"]:,} params'
+    )
+    for name, count in counts.items():
+      totals[name] = totals.get(name, 0) + count
+  if len(configs) > 1:
+    print(f'ensemble of {len(configs)} models')
+  print(f'params: {totals.pop("params")}')
+  for name in sorted(totals):
+    print(f'{name}: {totals[name]}')
 
 
 class _QuietLibraries(logging.logging.Filter):

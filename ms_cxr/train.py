@@ -23,10 +23,20 @@ import optax
 from flax.training import train_state
 from jax import lax
 
-from ms_cxr import checkpointing, config_lib, losses, metric_writers, metrics, models, parallel
+from ms_cxr import (
+  checkpointing,
+  config_lib,
+  fusion,
+  losses,
+  metric_writers,
+  metrics,
+  models,
+  parallel,
+)
 from ms_cxr.data import datasets, pipeline
 from ms_cxr.data.records import Record, label_matrix
 from ms_cxr.errors import UserError
+from ms_cxr.models import ssbn
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -96,7 +106,7 @@ def create_train_state(
   config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation
 ) -> TrainState:
   """Initialises parameters (from `config.train.seed`) and optimizer state on the host."""
-  size = config.data.size_px
+  size = config.data.sizes[0]  # any size: size-specific branches are all created at init
   images = jnp.zeros((1, size, size, 1), jnp.uint8)
   variables = jax.jit(functools.partial(model.init, train=False))(
     jax.random.key(config.train.seed), images
@@ -116,43 +126,92 @@ def count_params(tree: Any) -> int:
 
 
 def train_step(
-  state: TrainState, batch: Batch, *, label_weights: jax.Array | None, axis_name: str
+  state: TrainState,
+  batch: Batch,
+  *,
+  label_weights: jax.Array | None,
+  axis_name: str,
+  accum_steps: Mapping[int, int],
+  multiscale_loss: str = 'mean',
 ) -> tuple[TrainState, Metrics]:
-  """One optimisation step on this device's share of the global batch."""
+  """One optimisation step on this device's share of the global batch, at the batch's sizes.
 
-  def loss_fn(params):
+  The batch holds `image_<size>` for each size this step runs (ms_cxr.data.pipeline). Each size's loss is the
+  masked BCE over the global batch; with several sizes they are averaged (or summed). A size with
+  `accum_steps[size] = k` runs as k sequential micro-batches whose gradients add up to the same total.
+  Size-specific parameters of sizes not in the batch, and their optimizer state, are left exactly as they were.
+  """
+  sizes = pipeline.batch_sizes(batch)
+  if not sizes:
+    raise ValueError(f'the batch has no image_<size> entry (keys: {sorted(batch)})')
+  labels = batch['labels']
+  # Divide by the global number of known labels: each replica then holds its share of the global mean loss,
+  # and summing the shares' gradients gives exactly the gradient of one device seeing the whole batch.
+  global_count = jnp.maximum(lax.psum(jnp.sum(~jnp.isnan(labels)), axis_name), 1).astype(
+    jnp.float32
+  )
+  size_weight = 1.0 / len(sizes) if multiscale_loss == 'mean' else 1.0
+
+  def loss_fn(params, batch_stats, images, chunk_labels):
     logits, updates = state.apply_fn(
-      {'params': params, 'batch_stats': state.batch_stats},
-      batch['image'],
-      train=True,
-      mutable=['batch_stats'],
+      {'params': params, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats']
     )
-    loss_sum, count = losses.masked_bce_sum(logits, batch['labels'], label_weights)
-    # Divide by the global number of known labels: each replica then holds its share of the global
-    # mean loss,
-    # and summing the shares' gradients gives exactly the gradient of one device seeing the whole
-    # batch.
-    global_count = jnp.maximum(lax.psum(count, axis_name), 1.0)
-    return loss_sum / global_count, updates['batch_stats']
+    loss_sum, _ = losses.masked_bce_sum(logits, chunk_labels, label_weights)
+    return loss_sum / global_count * size_weight, updates['batch_stats']
 
-  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grads = jax.tree.map(jnp.zeros_like, state.params)
+  batch_stats = state.batch_stats
+  step_metrics = {}
+  for size in sizes:
+    images = batch[pipeline.image_key(size)]
+    chunks = accum_steps.get(size, 1)
+    if chunks == 1:
+      (loss, batch_stats), size_grads = grad_fn(state.params, batch_stats, images, labels)
+    else:
+      # Micro-batches in sequence (lax.scan keeps one in memory at a time); BatchNorm statistics are those of
+      # each micro-batch (across devices), and the running averages are updated once per micro-batch.
+      def micro_step(carry, chunk):
+        stats, grad_sum, loss_sum = carry
+        (loss, stats), g = grad_fn(state.params, stats, *chunk)
+        return (stats, jax.tree.map(jnp.add, grad_sum, g), loss_sum + loss), None
+
+      micro_batches = jax.tree.map(
+        lambda x, n=chunks: x.reshape(n, x.shape[0] // n, *x.shape[1:]), (images, labels)
+      )
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (batch_stats, size_grads, loss), _ = lax.scan(
+        micro_step, (batch_stats, zeros, jnp.zeros((), jnp.float32)), micro_batches
+      )
+    grads = jax.tree.map(jnp.add, grads, size_grads)
+    step_metrics[f'loss_{size}'] = lax.psum(loss, axis_name) / size_weight
+
   # psum so every replica applies the same update (the global-batch gradient).
   grads = lax.psum(grads, axis_name)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  step_metrics = {
-    'loss': lax.psum(loss, axis_name),
-    'l2_grads': optax.tree.norm(grads),
-    'l2_params': optax.tree.norm(new_state.params),
-  }
+  params_mask = ssbn.size_mask(state.params, sizes)
+  if not all(jax.tree.leaves(params_mask)):
+    # Zero gradients would still move Adam's moments (and so the parameters) of sizes this step did not run.
+    opt_mask = ssbn.opt_state_mask(state.tx, state.opt_state, params_mask)
+    new_state = new_state.replace(
+      params=ssbn.keep_inactive(new_state.params, state.params, params_mask),
+      opt_state=ssbn.keep_inactive(new_state.opt_state, state.opt_state, opt_mask),
+    )
+  step_metrics['loss'] = sum(step_metrics.values()) * size_weight
+  step_metrics['l2_grads'] = optax.tree.norm(grads)
+  step_metrics['l2_params'] = optax.tree.norm(new_state.params)
+  if len(sizes) == 1:
+    del step_metrics[f'loss_{sizes[0]}']
   return new_state, step_metrics
 
 
 def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-  """Probabilities for this device's examples (BatchNorm in inference mode)."""
-  logits = state.apply_fn(
-    {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False
-  )
-  return {'probs': jax.nn.sigmoid(logits), 'index': batch['index'], 'valid': batch['valid']}
+  """Logits at every size in the batch for this device's examples (BatchNorm in inference mode)."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  out = {'index': batch['index'], 'valid': batch['valid']}
+  for size in pipeline.batch_sizes(batch):
+    out[f'logits_{size}'] = state.apply_fn(variables, batch[pipeline.image_key(size)], train=False)
+  return out
 
 
 def predict(
@@ -161,22 +220,19 @@ def predict(
   records: list[Record],
   config: ml_collections.ConfigDict,
   dp: parallel.DataParallel,
-) -> np.ndarray:
-  """Probabilities [len(records), num_labels] in record order."""
+) -> dict[int, np.ndarray]:
+  """Logits {size: [len(records), num_labels]} in record order, for every configured size."""
   ds = pipeline.eval_dataset(
-    records,
-    config.data,
-    size_px=config.data.size_px,
-    global_batch_size=config.eval.batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+    records, config, process_index=jax.process_index(), process_count=jax.process_count()
   )
-  probs = np.zeros((len(records), len(config.data.labels)), np.float32)
+  num_labels = len(config.data.labels)
+  logits = {s: np.zeros((len(records), num_labels), np.float32) for s in config.data.sizes}
   for batch in ds:
     out = dp.gather(p_eval_step(state, dp.shard_batch(batch)))
     keep = out['valid']
-    probs[out['index'][keep]] = out['probs'][keep]
-  return probs
+    for size in config.data.sizes:
+      logits[size][out['index'][keep]] = out[f'logits_{size}'][keep]
+  return logits
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,8 +254,34 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise UserError(f'workdir {workdir!r} is not writable: {e.strerror}') from None
 
 
+def accum_steps_by_size(config: ml_collections.ConfigDict) -> dict[int, int]:
+  """{size: micro-batches} from `train.accum_steps` (empty = 1 for every size)."""
+  steps = tuple(config.train.accum_steps) or (1,) * len(config.data.sizes)
+  return dict(zip(config.data.sizes, steps, strict=True))
+
+
 def validate_config(config: ml_collections.ConfigDict, dp: parallel.DataParallel) -> None:
   """Checks that fail fast, before any compilation."""
+  sizes = tuple(config.data.sizes)
+  if not sizes or len(set(sizes)) != len(sizes) or min(sizes) < 16:
+    raise UserError(f'config.data.sizes={sizes} must be distinct sizes of at least 16 px')
+  for name in ('accum_steps', 'size_probs'):
+    value = tuple(config.train[name])
+    if value and len(value) != len(sizes):
+      raise UserError(f'config.train.{name}={value} needs one entry per size in {sizes}')
+  local_per_device = config.train.global_batch_size // max(dp.num_devices, 1)
+  for size, chunks in accum_steps_by_size(config).items():
+    if chunks < 1 or local_per_device % chunks:
+      raise UserError(
+        f'config.train.accum_steps: {chunks} micro-batches at {size} px do not divide the per-device '
+        f'batch of {local_per_device}'
+      )
+  if config.train.multiscale not in pipeline.MULTISCALE_MODES:
+    raise UserError(
+      f'config.train.multiscale={config.train.multiscale!r}; expected one of {pipeline.MULTISCALE_MODES}'
+    )
+  if config.eval.fusion not in fusion.FUSIONS:
+    raise UserError(f'config.eval.fusion={config.eval.fusion!r}; expected one of {fusion.FUSIONS}')
   for name in ('train.global_batch_size', 'eval.batch_size'):
     value = config.train.global_batch_size if name.startswith('train') else config.eval.batch_size
     if value <= 0 or value % dp.num_devices:
@@ -238,20 +320,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_iter = iter(
     pipeline.train_dataset(
       train_records,
-      config.data,
-      size_px=config.data.size_px,
-      global_batch_size=config.train.global_batch_size,
+      config,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
     )
   )
   writer.log(
     f'{config.data.dataset}: {len(train_records)} train / {len(val_records)} validation images, '
-    f'{len(labels)} labels, {config.data.size_px} px'
+    f'{len(labels)} labels, sizes {tuple(config.data.sizes)} px'
   )
 
   # --- model and optimizer ------------------------------------------------------------------------
-  model = models.create_model(config.model, len(labels), axis_name=parallel.AXIS)
+  model = models.create_model(config.model, len(labels), config.data.sizes, axis_name=parallel.AXIS)
   schedule = create_learning_rate_schedule(config.optim, config.train.num_steps)
   state = create_train_state(config, model, create_optimizer(config.optim, schedule))
   writer.log(f'{config.model.name}: {count_params(state.params):,} parameters')
@@ -261,7 +341,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     jnp.asarray(config.train.label_weights, jnp.float32) if config.train.label_weights else None
   )
   p_train_step = dp.compile(
-    functools.partial(train_step, label_weights=label_weights, axis_name=parallel.AXIS),
+    functools.partial(
+      train_step,
+      label_weights=label_weights,
+      axis_name=parallel.AXIS,
+      accum_steps=accum_steps_by_size(config),
+      multiscale_loss=config.train.multiscale_loss,
+    ),
     donate_state=True,
   )
   p_eval_step = dp.compile(eval_step, sharded_output=True)
@@ -302,7 +388,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           f'(step {last_saved}) is kept in {workdir}/checkpoints'
         )
     pending.clear()
-    means = {k: float(np.mean([np.ravel(m[k])[0] for m in fetched])) for k in fetched[0]}
+    keys = sorted({k for m in fetched for k in m})  # per-size losses appear only on their steps
+    means = {k: float(np.mean([np.ravel(m[k])[0] for m in fetched if k in m])) for k in keys}
     means['learning_rate'] = float(schedule(step - 1))
     return means
 
@@ -334,7 +421,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       )
       if eval_now:
         flush(step) if pending else None
-        probs = predict(p_eval_step, state, val_records, config, dp)
+        logits = predict(p_eval_step, state, val_records, config, dp)
+        # best_on_val would choose sizes on the very split it is scored on: use the mean there.
+        rule = 'mean_prob' if config.eval.fusion == 'best_on_val' else config.eval.fusion
+        probs = fusion.fuse(logits, rule)
         per_class = metrics.per_class_auroc(probs, label_matrix(val_records, len(labels)), labels)
         score = metrics.mean_auroc(per_class)
         writer.write_scalars(

@@ -21,3 +21,13 @@ def smoke_config():
   from configs import densenet
 
   return densenet.get_config('smoke')
+
+
+@pytest.fixture(scope='session', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Many tests compile the same tiny programs: a session-wide persistent cache compiles each once."""
+  import jax
+
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

@@ -19,20 +19,25 @@ def _batches(num=3, batch=8, size=32):
     labels = (rng.random((batch, NUM_LABELS)) < 0.3).astype(np.float32)
     labels[rng.random((batch, NUM_LABELS)) < 0.2] = np.nan  # unknown labels, unevenly spread
     out.append(
-      {'image': rng.integers(0, 256, (batch, size, size, 1), dtype=np.uint8), 'labels': labels}
+      {
+        f'image_{size}': rng.integers(0, 256, (batch, size, size, 1), dtype=np.uint8),
+        'labels': labels,
+      }
     )
   return out
 
 
 def _train(config, api, num_devices):
   dp = parallel.DataParallel.create(api, num_devices)
-  model = models.create_model(config.model, NUM_LABELS, axis_name=parallel.AXIS)
+  model = models.create_model(config.model, NUM_LABELS, (32,), axis_name=parallel.AXIS)
   schedule = train.create_learning_rate_schedule(config.optim, 10)
   state = dp.replicate(
     train.create_train_state(config, model, train.create_optimizer(config.optim, schedule))
   )
   step = dp.compile(
-    functools.partial(train.train_step, label_weights=None, axis_name=parallel.AXIS),
+    functools.partial(
+      train.train_step, label_weights=None, axis_name=parallel.AXIS, accum_steps={}
+    ),
     donate_state=True,
   )
   losses = []
@@ -49,7 +54,6 @@ def _max_diff(a, b):
 
 @pytest.fixture
 def config(smoke_config):
-  smoke_config.data.size_px = 32
   # SGD with momentum: its update is linear in the gradient, so float-level gradient differences
   # stay
   # float-level (Adam divides by sqrt(v) and magnifies noise on near-zero gradients).
@@ -72,7 +76,6 @@ def test_two_devices_match_one_device_with_synchronised_batchnorm(config):
 
 
 def test_shard_map_and_pmap_agree_with_adam(smoke_config):
-  smoke_config.data.size_px = 32
   sharded, _ = _train(smoke_config, 'shard_map', 2)
   pmapped, _ = _train(smoke_config, 'pmap', 2)
   assert _max_diff(sharded, pmapped) < 1e-6

@@ -10,6 +10,7 @@ pixel to the device. Aspect ratio: the image is resized to a square (chest radio
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
@@ -18,25 +19,26 @@ from PIL import Image
 from ms_cxr.data import synthetic
 
 
-def decode(ref: str, size_px: int) -> np.ndarray:
-  """Reads an image reference and returns uint8 grayscale [size_px, size_px].
+def load(ref: str, sizes: Sequence[int]) -> dict[int, np.ndarray]:
+  """Reads an image reference once and returns it at each size: {size: uint8 grayscale [size, size]}.
 
   Args:
-    ref: a file path (PNG/JPEG, 8 or 16 bit, grayscale or RGB) or a `synthetic:<seed>:<index>` reference.
-    size_px: output side.
+    ref: a file path (PNG/JPEG, 8 or 16 bit, grayscale or RGB) or a `synthetic:<seed>:<index>` reference (rendered
+      at each size from its resolution-independent description).
+    sizes: output sides.
 
   Raises:
     ValueError: naming the file when it is missing, truncated or not an image.
   """
   if ref.startswith('synthetic:'):
-    return synthetic.load(ref, size_px)
+    return {size: synthetic.load(ref, size) for size in sizes}
   try:
     with Image.open(ref) as img:
       img.load()
       pixels = to_uint8_grayscale(img)
   except (OSError, SyntaxError, ValueError) as e:
     raise ValueError(f'{ref}: cannot read image ({e})') from None
-  return resize(pixels, size_px)
+  return {size: resize(pixels, size) for size in sizes}
 
 
 def to_uint8_grayscale(img: Image.Image) -> np.ndarray:

@@ -1,18 +1,18 @@
 """The Grain input pipeline: records -> fixed-shape host batches for one process.
 
-Training: a global, seeded shuffle of the whole split, reshuffled every epoch, then consecutive
-global batches;
-process `p` of `P` takes rows [p*L, (p+1)*L) of each global batch (L = local batch). Every example's augmentation
-draws from a generator Grain derives from the seed and the example's index, so the global batch
-sequence does not
-depend on the number of processes or workers, and resuming from a saved iterator position replays
-the same data.
+Training: a global, seeded shuffle of the whole split, reshuffled every epoch, cut into consecutive global batches;
+process `p` of `P` takes rows [p*L, (p+1)*L) of each global batch (L = local batch). Which input sizes a step uses
+is a pure function of the step number (`step_sizes`), and every example's augmentation draws from a generator
+seeded by (seed, its position in the global stream), so the batch sequence depends neither on the number of
+processes nor on the number of workers, and resuming from a saved iterator position replays the same data. When a
+step uses several sizes, each example gets the same geometric augmentation at every size.
 
-Evaluation: the split in order, padded to whole global batches; padded rows carry `valid=False` and are dropped
-before scoring.
+Evaluation: the split in order, at every configured size, padded to whole global batches; padded rows carry
+`valid=False` and are dropped before scoring.
 
-Batches are dicts of numpy arrays: `image` uint8 [L, S, S, 1], `labels` float32 [L, K] (NaN = unknown), `index`
-int32 [L] (position in the split's record list, -1 for padding) and `valid` bool [L].
+A batch is a dict of numpy arrays: `image_<size>` uint8 [L, size, size, 1] for each size of the step, `labels`
+float32 [L, K] (NaN = unknown), `index` int32 [L] (position in the split's record list, -1 for padding) and
+`valid` bool [L].
 """
 
 from __future__ import annotations
@@ -28,71 +28,120 @@ from ms_cxr.data import images
 from ms_cxr.data.records import Record
 
 Batch = dict[str, np.ndarray]
+MULTISCALE_MODES = ('round_robin', 'random', 'all')
+
+
+def image_key(size_px: int) -> str:
+  return f'image_{size_px}'
+
+
+def batch_sizes(batch: dict) -> tuple[int, ...]:
+  """The input sizes present in a batch, ascending."""
+  return tuple(sorted(int(k[len('image_') :]) for k in batch if k.startswith('image_')))
+
+
+def step_sizes(
+  step: int, sizes: Sequence[int], mode: str, probs: Sequence[float] = (), seed: int = 0
+) -> tuple[int, ...]:
+  """The sizes training step `step` (0-based) runs at.
+
+  Args:
+    step: global step index.
+    sizes: every configured size.
+    mode: round_robin (one size per step, cycling), random (one size per step, drawn with `probs`, uniform if
+      empty) or all (every size of the same images in one step).
+    probs: probabilities for `random`, one per size.
+    seed: seeds `random`; the draw depends only on (seed, step).
+  """
+  sizes = tuple(sizes)
+  if len(sizes) == 1 or mode == 'all':
+    return sizes
+  if mode == 'round_robin':
+    return (sizes[step % len(sizes)],)
+  if mode == 'random':
+    p = np.asarray(probs if probs else [1.0] * len(sizes), np.float64)
+    rng = np.random.default_rng([seed, step, 0x5A5])
+    return (sizes[int(rng.choice(len(sizes), p=p / p.sum()))],)
+  raise ValueError(f'config.train.multiscale={mode!r}; expected one of {MULTISCALE_MODES}')
 
 
 @dataclasses.dataclass(frozen=True)
-class _LoadExample:
-  """Decode and resize one record (picklable, so Grain worker processes can run it)."""
+class _LoadTrainBatch:
+  """Decodes, resizes and augments one local batch (picklable, so Grain worker processes can run it)."""
 
   records: Sequence[Record]
-  size_px: int
+  sizes: tuple[int, ...]
+  multiscale: str
+  size_probs: tuple[float, ...]
+  augment: ml_collections.ConfigDict
+  seed: int
+  global_batch_size: int
+  process_index: int
+
+  def __call__(self, step: int, indices: np.ndarray) -> Batch:
+    sizes = step_sizes(step, self.sizes, self.multiscale, self.size_probs, self.seed)
+    local = len(indices)
+    batch = {image_key(s): np.empty((local, s, s, 1), np.uint8) for s in sizes}
+    first = step * self.global_batch_size + self.process_index * local
+    for row, index in enumerate(indices):
+      record = self.records[int(index)]
+      for size, pixels in images.load(record.image, sizes).items():
+        if self.augment.enabled:
+          # Same generator at every size: the sizes of one example see the same transformed view.
+          rng = np.random.default_rng([self.seed, first + row])
+          pixels = images.augment(pixels, rng, self.augment)
+        batch[image_key(size)][row, :, :, 0] = pixels
+    batch['labels'] = np.stack(
+      [np.asarray(self.records[int(i)].labels, np.float32) for i in indices]
+    )
+    batch['index'] = np.asarray(indices, np.int32)
+    batch['valid'] = np.ones(local, np.bool_)
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoadEvalExample:
+  """Decodes and resizes one record at every size, without augmentation."""
+
+  records: Sequence[Record]
+  sizes: tuple[int, ...]
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     valid = index >= 0
     record = self.records[index if valid else 0]
-    pixels = images.decode(record.image, self.size_px)
-    return {
-      'image': pixels[:, :, None],
-      'labels': np.asarray(record.labels, np.float32),
-      'index': np.int32(index),
-      'valid': np.bool_(valid),
+    example = {
+      image_key(s): p[:, :, None] for s, p in images.load(record.image, self.sizes).items()
     }
-
-
-@dataclasses.dataclass(frozen=True)
-class _LoadAugmentedExample:
-  """Decode, resize and augment one record with the generator Grain gives this example."""
-
-  load: _LoadExample
-  augment: ml_collections.ConfigDict
-
-  def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    example = self.load(index)
-    if self.augment.enabled:
-      example['image'] = images.augment(example['image'][:, :, 0], rng, self.augment)[:, :, None]
+    example['labels'] = np.asarray(record.labels, np.float32)
+    example['index'] = np.int32(index)
+    example['valid'] = np.bool_(valid)
     return example
 
 
-def _finish(
-  ds: grain.MapDataset,
-  local_batch_size: int,
-  process_index: int,
-  process_count: int,
-  num_workers: int,
-  prefetch_batches: int,
-) -> grain.IterDataset:
-  """Batches, keeps this process's share of every global batch, and prefetches."""
-  # Consecutive local batches k*P .. k*P+P-1 make up global batch k; this process keeps batch k*P+p.
-  ds = ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
-  it = ds.to_iter_dataset()
+def _prefetch(it: grain.IterDataset, num_workers: int, prefetch_batches: int) -> grain.IterDataset:
   if num_workers > 0:
-    return it.mp_prefetch(
-      grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=max(1, prefetch_batches)
-      )
+    options = grain.MultiprocessingOptions(
+      num_workers=num_workers, per_worker_buffer_size=max(1, prefetch_batches)
     )
+    return it.mp_prefetch(options)
   if prefetch_batches > 0:
     # A background thread decodes ahead while the accelerator runs the step.
     return grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch_batches)
   return it
 
 
+def _check_batch(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+      f'global batch {global_batch_size} does not divide over {process_count} processes'
+    )
+  return global_batch_size // process_count
+
+
 def train_dataset(
   records: Sequence[Record],
-  data_config: ml_collections.ConfigDict,
+  config: ml_collections.ConfigDict,
   *,
-  size_px: int,
-  global_batch_size: int,
   process_index: int = 0,
   process_count: int = 1,
 ) -> grain.IterDataset:
@@ -100,9 +149,8 @@ def train_dataset(
 
   Args:
     records: the training split.
-    data_config: the `data` section (seed, augment, num_workers, prefetch_batches).
-    size_px: image side for this stream.
-    global_batch_size: batch across all processes; must divide by process_count.
+    config: the whole config (data.sizes, data.seed, data.augment, data.num_workers, data.prefetch_batches,
+      train.global_batch_size, train.multiscale, train.size_probs).
     process_index: this process.
     process_count: number of processes.
 
@@ -111,51 +159,39 @@ def train_dataset(
   """
   if not records:
     raise ValueError('the training split is empty')
-  if global_batch_size % process_count:
-    raise ValueError(
-      f'global batch {global_batch_size} does not divide over {process_count} processes'
-    )
-  load = _LoadAugmentedExample(_LoadExample(tuple(records), size_px), data_config.augment)
-  ds = grain.MapDataset.range(len(records)).seed(data_config.seed).shuffle().repeat()
-  ds = ds.random_map(load)
-  return _finish(
-    ds,
-    global_batch_size // process_count,
-    process_index,
-    process_count,
-    data_config.num_workers,
-    data_config.prefetch_batches,
+  local = _check_batch(config.train.global_batch_size, process_count)
+  load = _LoadTrainBatch(
+    records=tuple(records),
+    sizes=tuple(config.data.sizes),
+    multiscale=config.train.multiscale,
+    size_probs=tuple(config.train.size_probs),
+    augment=config.data.augment,
+    seed=config.data.seed,
+    global_batch_size=config.train.global_batch_size,
+    process_index=process_index,
   )
+  order = grain.MapDataset.range(len(records)).seed(config.data.seed).shuffle().repeat()
+  # Consecutive local batches k*P .. k*P+P-1 make up global batch k; this process keeps batch k*P+p, and
+  # map_with_index hands the loader k, the step number.
+  ds = order.batch(local)[process_index::process_count].map_with_index(load)
+  return _prefetch(ds.to_iter_dataset(), config.data.num_workers, config.data.prefetch_batches)
 
 
 def eval_dataset(
   records: Sequence[Record],
-  data_config: ml_collections.ConfigDict,
+  config: ml_collections.ConfigDict,
   *,
-  size_px: int,
-  global_batch_size: int,
   process_index: int = 0,
   process_count: int = 1,
 ) -> grain.IterDataset:
-  """The split in order, once, padded to whole global batches (padding rows have valid=False)."""
-  if global_batch_size % process_count:
-    raise ValueError(
-      f'global batch {global_batch_size} does not divide over {process_count} processes'
-    )
-  padded = -(-len(records) // global_batch_size) * global_batch_size
+  """The split in order, once, at every size, padded to whole global batches (padding has valid=False)."""
+  global_batch = config.eval.batch_size
+  local = _check_batch(global_batch, process_count)
+  padded = -(-len(records) // global_batch) * global_batch
   indices = np.full(padded, -1, np.int64)
   indices[: len(records)] = np.arange(len(records))
-  ds = grain.MapDataset.source(indices).map(_LoadExample(tuple(records), size_px))
-  return _finish(
-    ds,
-    global_batch_size // process_count,
-    process_index,
-    process_count,
-    data_config.num_workers,
-    data_config.prefetch_batches,
+  ds = grain.MapDataset.source(indices).map(
+    _LoadEvalExample(tuple(records), tuple(config.data.sizes))
   )
-
-
-def num_eval_batches(num_records: int, global_batch_size: int) -> int:
-  """Global batches `eval_dataset` yields for a split of `num_records`."""
-  return -(-num_records // global_batch_size)
+  ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
+  return _prefetch(ds.to_iter_dataset(), config.data.num_workers, config.data.prefetch_batches)

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from ms_cxr.models import densenet
+from ms_cxr.models import densenet, ssbn
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def create_model(
-  model_config: ml_collections.ConfigDict, num_labels: int, axis_name: str | None = None
+  model_config: ml_collections.ConfigDict,
+  num_labels: int,
+  sizes: Sequence[int],
+  axis_name: str | None = None,
 ) -> nn.Module:
   """Builds the configured network.
 
   Args:
     model_config: the `model` section of the config.
     num_labels: outputs of the multi-label head.
+    sizes: every input size (px) the model will see; SSBN makes one branch per size.
     axis_name: device axis for synchronised BatchNorm statistics in training (None outside a mapped step).
 
   Returns:
@@ -33,8 +40,15 @@ def create_model(
     )
   if model_config.dtype not in DTYPES:
     raise ValueError(f'config.model.dtype={model_config.dtype!r}; expected one of {sorted(DTYPES)}')
+  if model_config.norm == 'batchnorm':
+    norm = nn.BatchNorm
+  elif model_config.norm == 'ssbn':
+    norm = functools.partial(ssbn.SSBN, sizes=tuple(sizes))
+  else:
+    raise ValueError(f"config.model.norm={model_config.norm!r}; expected 'batchnorm' or 'ssbn'")
   return densenet.DenseNet(
     **densenet.PRESETS[model_config.name],
+    norm=norm,
     num_classes=num_labels,
     dtype=DTYPES[model_config.dtype],
     axis_name=axis_name,

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ms_cxr.models import ssbn
+
 ModuleDef = Any
 
 
@@ -35,6 +37,13 @@ def normalize_images(images: jax.Array) -> jax.Array:
   if x.shape[-1] == 1:
     x = jnp.broadcast_to(x, (*x.shape[:-1], 3))
   return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+
+
+def _is_size_specific(norm: ModuleDef) -> bool:
+  """Whether the norm takes the input size (SSBN) rather than ignoring it (plain BatchNorm)."""
+  while isinstance(norm, functools.partial):
+    norm = norm.func
+  return isinstance(norm, type) and issubclass(norm, ssbn.SSBN)
 
 
 class DenseLayer(nn.Module):
@@ -64,7 +73,7 @@ class DenseNet(nn.Module):
     compression: channel reduction of each transition.
     num_classes: number of labels.
     norm: normalisation ModuleDef, called as `norm(name=...)`; receives use_running_average, momentum, epsilon,
-      dtype and axis_name, plus `size_px` when the network is called with one (size-specific norms).
+      dtype and axis_name, plus `size_px` for size-specific norms (SSBN).
     dtype: compute dtype; parameters stay float32.
     axis_name: mapped axis over which training-mode BatchNorm statistics are averaged (synchronised BN).
     bn_momentum: running-average momentum (Flax convention).
@@ -100,8 +109,9 @@ class DenseNet(nn.Module):
       # Synchronised BN: statistics over the global batch, so every replica normalises identically.
       axis_name=self.axis_name if train else None,
     )
-    if size_px is not None:
-      norm = functools.partial(norm, size_px=size_px)
+    if _is_size_specific(self.norm):
+      # The input side selects the SSBN branch; it is static (part of the shape), so each size compiles apart.
+      norm = functools.partial(norm, size_px=x.shape[1] if size_px is None else size_px)
     layer_cls = nn.remat(DenseLayer) if self.remat else DenseLayer
 
     x = normalize_images(x).astype(self.dtype)

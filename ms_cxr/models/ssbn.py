@@ -1,0 +1,121 @@
+"""Size-specific batch normalisation (SSBN, Pereira et al. 2023).
+
+One `SSBN` module stands where a BatchNorm would. It holds one BatchNorm branch per input size, named
+`ssbn_<size>`, each with its own scale/shift (in `params`) and running statistics (in `batch_stats`); the
+convolutions around it are shared by every size. The branch is chosen by `size_px`, a static module attribute, so
+each resolution compiles its own program. Every branch is created at init, whatever size init runs at.
+
+Helpers select or replace one size's variables as a unit (to fine-tune or add one size with everything else frozen),
+and build the masks that keep a step which ran only some sizes from touching the others.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+_BRANCH = re.compile(r'^ssbn_(\d+)$')
+
+
+def branch_name(size_px: int) -> str:
+  return f'ssbn_{size_px}'
+
+
+class SSBN(nn.Module):
+  """BatchNorm with a dedicated scale/shift and running statistics per input size.
+
+  Attributes:
+    sizes: every input size the network is trained for; one branch each.
+    size_px: the size of the images being normalised now (selects the branch).
+    use_running_average, momentum, epsilon, dtype, axis_name: as for `flax.linen.BatchNorm`.
+  """
+
+  sizes: Sequence[int]
+  size_px: int | None = None
+  use_running_average: bool = False
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.size_px not in self.sizes:
+      raise ValueError(
+        f'SSBN called at size_px={self.size_px}; its branches are {tuple(self.sizes)}'
+      )
+    branches = {
+      size: nn.BatchNorm(
+        use_running_average=self.use_running_average,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        dtype=self.dtype,
+        axis_name=self.axis_name,
+        name=branch_name(size),
+      )
+      for size in self.sizes
+    }
+    if self.is_initializing():
+      # Create every branch now: params and statistics exist for all sizes whatever size init ran at.
+      for size, branch in branches.items():
+        if size != self.size_px:
+          branch(x)
+    return branches[self.size_px](x)
+
+
+def _path_sizes(path: tuple[Any, ...]) -> set[int]:
+  sizes = set()
+  for entry in path:
+    key = getattr(entry, 'key', None)
+    if isinstance(key, str):
+      match = _BRANCH.match(key)
+      if match:
+        sizes.add(int(match.group(1)))
+  return sizes
+
+
+def size_mask(tree: PyTree, active_sizes: Iterable[int]) -> PyTree:
+  """Python bools over `tree`: True for shared leaves and for the branches of `active_sizes`.
+
+  A leaf under `ssbn_<s>` with `s` not active is False; everything else (convolutions, classifier) is True.
+  """
+  active = set(active_sizes)
+  return jax.tree_util.tree_map_with_path(lambda path, _: not (_path_sizes(path) - active), tree)
+
+
+def select_size(tree: PyTree, size_px: int) -> dict[tuple[str, ...], Any]:
+  """One size's variables as a unit: {path to the branch leaf: value} for every `ssbn_<size_px>` leaf."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {
+    tuple(str(getattr(e, 'key', e)) for e in path): value
+    for path, value in leaves
+    if size_px in _path_sizes(path)
+  }
+
+
+def replace_size(tree: PyTree, size_px: int, source: PyTree) -> PyTree:
+  """`tree` with every `ssbn_<size_px>` leaf taken from `source` (a tree of the same structure)."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, mine, theirs: theirs if size_px in _path_sizes(path) else mine, tree, source
+  )
+
+
+def keep_inactive(new: PyTree, old: PyTree, mask: PyTree) -> PyTree:
+  """Leaf-wise `new if mask else old` (mask of python bools, so the choice is made at trace time)."""
+  return jax.tree.map(lambda n, o, m: n if m else o, new, old, mask)
+
+
+def opt_state_mask(
+  tx_init: Callable[[PyTree], PyTree], opt_state: PyTree, params_mask: PyTree
+) -> PyTree:
+  """Extends a params mask to the optimizer state (moments follow their parameter; counters are shared)."""
+  return optax.tree_utils.tree_map_params(
+    tx_init, lambda _, m: m, opt_state, params_mask, transform_non_params=lambda _: True
+  )

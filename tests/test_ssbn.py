@@ -1,0 +1,177 @@
+"""Size-specific BatchNorm: branches, parameter counts, and steps that leave other sizes untouched."""
+
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from ms_cxr import fusion, models, parallel, train
+from ms_cxr.models import ssbn
+
+SIZES = (32, 48, 64)
+NUM_LABELS = 4
+
+
+def _leaves(tree, size):
+  return ssbn.select_size(jax.device_get(tree), size)
+
+
+@pytest.fixture
+def config():
+  from configs import ssbn as ssbn_config
+
+  config = ssbn_config.get_config('smoke')
+  assert tuple(config.data.sizes) == SIZES
+  config.data.labels = config.data.labels[:NUM_LABELS]
+  return config
+
+
+def test_full_ssbn_densenet121_has_the_papers_parameter_count():
+  from configs import ssbn as ssbn_config
+
+  config = ssbn_config.get_config('dataset=nih')
+  model = models.create_model(config.model, 14, config.data.sizes)
+  variables = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), np.zeros((1, 224, 224, 1), np.uint8), train=False)
+  )
+  count = train.count_params(variables['params'])
+  # DenseNet-121 (6,968,206) plus a scale and shift for 41,824 BN channels at 2 more sizes.
+  assert count == 6_968_206 + 2 * 83_648 == 7_135_502
+  assert train.count_params(variables['batch_stats']) == 3 * 83_648
+
+
+def test_every_branch_exists_in_both_collections_after_init(config):
+  model = models.create_model(config.model, NUM_LABELS, SIZES)
+  variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 1), np.uint8), train=False)
+  norm0_params = variables['params']['norm0']
+  norm0_stats = variables['batch_stats']['norm0']
+  assert set(norm0_params) == set(norm0_stats) == {f'ssbn_{s}' for s in SIZES}
+  assert set(norm0_params['ssbn_64']) == {'scale', 'bias'}
+  assert set(norm0_stats['ssbn_64']) == {'mean', 'var'}
+  per_size = {s: len(_leaves(variables['params'], s)) for s in SIZES}
+  assert len(set(per_size.values())) == 1 and per_size[32] > 0
+
+
+def test_ssbn_rejects_a_size_it_has_no_branch_for(config):
+  model = models.create_model(config.model, NUM_LABELS, SIZES)
+  variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 1), np.uint8), train=False)
+  with pytest.raises(ValueError, match='size_px=40'):
+    model.apply(variables, np.zeros((1, 40, 40, 1), np.uint8), train=False)
+
+
+def _one_step(config, batch):
+  dp = parallel.DataParallel.create('shard_map', 2)
+  model = models.create_model(config.model, NUM_LABELS, SIZES, axis_name=parallel.AXIS)
+  schedule = train.create_learning_rate_schedule(config.optim, 10)
+  state = train.create_train_state(config, model, train.create_optimizer(config.optim, schedule))
+  step = dp.compile(
+    functools.partial(train.train_step, label_weights=None, axis_name=parallel.AXIS, accum_steps={})
+  )
+  before = jax.device_get(state)
+  # Two steps, so Adam's moments of the trained size are non-zero and would move untouched params if unmasked.
+  new = dp.replicate(state)
+  for _ in range(2):
+    new, _ = step(new, dp.shard_batch(batch))
+  return before, jax.device_get(dp.unreplicate(new))
+
+
+def _batch(sizes, n=4):
+  rng = np.random.default_rng(0)
+  batch = {f'image_{s}': rng.integers(0, 256, (n, s, s, 1), dtype=np.uint8) for s in sizes}
+  batch['labels'] = (rng.random((n, NUM_LABELS)) < 0.5).astype(np.float32)
+  return batch
+
+
+def test_a_step_at_one_size_changes_only_that_sizes_branches(config):
+  before, after = _one_step(config, _batch([48]))
+  for size in SIZES:
+    changed_stats = any(
+      not np.array_equal(a, b)
+      for a, b in zip(
+        _leaves(before.batch_stats, size).values(),
+        _leaves(after.batch_stats, size).values(),
+        strict=True,
+      )
+    )
+    assert changed_stats == (size == 48)
+    for path, value in _leaves(before.params, size).items():
+      if size == 48:
+        continue
+      np.testing.assert_array_equal(value, _leaves(after.params, size)[path])
+  # Shared weights did train.
+  assert not np.array_equal(before.params['conv0']['kernel'], after.params['conv0']['kernel'])
+  assert not np.array_equal(
+    before.params['norm0']['ssbn_48']['scale'], after.params['norm0']['ssbn_48']['scale']
+  )
+
+
+def test_round_robin_step_leaves_other_sizes_adam_moments_bit_identical(config):
+  before, after = _one_step(config, _batch([64]))
+  get = optax.tree_utils.tree_get
+  for moment in ('mu', 'nu'):
+    for size in (32, 48):
+      for path, value in _leaves(get(before.opt_state, moment), size).items():
+        np.testing.assert_array_equal(value, _leaves(get(after.opt_state, moment), size)[path])
+    trained = _leaves(get(after.opt_state, moment), 64)
+    assert any(np.any(v != 0) for v in trained.values())
+
+
+def test_all_sizes_in_one_step_train_every_branch(config):
+  before, after = _one_step(config, _batch(SIZES))
+  for size in SIZES:
+    assert not np.array_equal(
+      before.params['norm5'][f'ssbn_{size}']['bias'], after.params['norm5'][f'ssbn_{size}']['bias']
+    )
+
+
+def test_replace_size_swaps_exactly_one_collection(config):
+  model = models.create_model(config.model, NUM_LABELS, SIZES)
+  a = model.init(jax.random.key(0), np.zeros((1, 32, 32, 1), np.uint8), train=False)['params']
+  b = jax.tree.map(lambda x: x + 1.0, a)
+  mixed = ssbn.replace_size(a, 48, b)
+  for size, source in ((32, a), (48, b), (64, a)):
+    for path, value in _leaves(mixed, size).items():
+      np.testing.assert_array_equal(value, _leaves(source, size)[path])
+  np.testing.assert_array_equal(mixed['conv0']['kernel'], a['conv0']['kernel'])
+
+
+def test_fusion_rules_on_fixed_logits():
+  logits = {
+    224: np.array([[0.0, 2.0], [-1.0, 1.0]]),
+    448: np.array([[2.0, -2.0], [1.0, 3.0]]),
+  }
+  sig = lambda x: 1 / (1 + np.exp(-np.asarray(x)))  # noqa: E731
+  np.testing.assert_allclose(
+    fusion.fuse(logits, 'mean_prob'), (sig(logits[224]) + sig(logits[448])) / 2
+  )
+  np.testing.assert_allclose(fusion.fuse(logits, 'mean_logit'), sig([[1.0, 0.0], [0.0, 2.0]]))
+  np.testing.assert_allclose(fusion.fuse(logits, 'max'), sig([[2.0, 2.0], [1.0, 3.0]]))
+  np.testing.assert_allclose(
+    fusion.fuse(logits, 'best_on_val', best_size=[448, 224]),
+    np.stack([sig(logits[448])[:, 0], sig(logits[224])[:, 1]], axis=1),
+  )
+  # Validation: label 0 is ranked right by 448 only, label 1 by 224 only.
+  val_logits = {224: np.array([[1.0, 1.0], [0.0, 0.0]]), 448: np.array([[0.0, 0.0], [1.0, 1.0]])}
+  val_targets = np.array([[0.0, 1.0], [1.0, 0.0]])
+  assert fusion.best_size_per_label(val_logits, val_targets, ('a', 'b')) == [448, 224]
+
+
+def test_step_sizes_schedules():
+  from ms_cxr.data import pipeline
+
+  assert [pipeline.step_sizes(i, SIZES, 'round_robin') for i in range(4)] == [
+    (32,),
+    (48,),
+    (64,),
+    (32,),
+  ]
+  assert pipeline.step_sizes(5, SIZES, 'all') == SIZES
+  draws = [
+    pipeline.step_sizes(i, SIZES, 'random', (0.0, 0.25, 0.75), seed=1)[0] for i in range(400)
+  ]
+  assert draws == [
+    pipeline.step_sizes(i, SIZES, 'random', (0.0, 0.25, 0.75), seed=1)[0] for i in range(400)
+  ]
+  assert 32 not in draws and 0.65 < draws.count(64) / 400 < 0.85
