@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.norm = (
     'batchnorm'  # batchnorm (shared by all sizes) | ssbn (a scale/shift and statistics per size)
   )
+  # Start from other weights: a training workdir (its latest checkpoint; SSBN branches missing there start from the
+  # nearest size, or from the plain BatchNorm of a single-scale model) or a torchvision DenseNet state dict file
+  # (.pth / .safetensors / .npz). Ignored when the workdir already has a checkpoint (resume wins).
+  model.init_from = ''
   model.remat = False  # rematerialise dense layers: less activation memory, ~30% more compute
 
   # --- optimizer ----------------------------------------------------------------------------------
@@ -84,6 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Gradient accumulation per size (one entry per size, empty = 1): a size's global batch is processed in this
   # many sequential micro-batches, so large sizes fit in memory while the global batch stays fixed.
   train.accum_steps = ()
+  # Train only these sizes' SSBN scale/shift, everything else frozen (e.g. to add a size to a trained model).
+  train.trainable_sizes = ()
 
   # --- evaluation ---------------------------------------------------------------------------------
   config.eval = ev = ml_collections.ConfigDict()

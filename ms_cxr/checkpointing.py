@@ -166,3 +166,21 @@ def abstract_like(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
   return jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=sharding), tree
   )
+
+
+def load_variables(workdir: str) -> dict[str, PyTree]:
+  """{'params', 'batch_stats'} of a workdir's latest checkpoint, as host arrays, with no model needed.
+
+  Raises:
+    UserError: the workdir has no checkpoint.
+  """
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints', 'latest')
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  if not os.path.isdir(directory):
+    raise UserError(f'no checkpoints in {directory}')
+  with ocp.CheckpointManager(directory, options=options, item_names=('state',)) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise UserError(f'no checkpoints in {directory}')
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  return {'params': state['params'], 'batch_stats': state['batch_stats']}

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
+from absl import logging
 from jax import lax
 
 from ms_cxr import (
@@ -103,17 +104,43 @@ def create_optimizer(
 
 
 def create_train_state(
-  config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation
+  config: ml_collections.ConfigDict,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  *,
+  load_init_from: bool = True,
 ) -> TrainState:
-  """Initialises parameters (from `config.train.seed`) and optimizer state on the host."""
+  """Initialises parameters (from `config.train.seed`, then `config.model.init_from`) and optimizer state."""
   size = config.data.sizes[0]  # any size: size-specific branches are all created at init
   images = jnp.zeros((1, size, size, 1), jnp.uint8)
   variables = jax.jit(functools.partial(model.init, train=False))(
     jax.random.key(config.train.seed), images
   )
+  if config.model.init_from and load_init_from:
+    variables = initialize_from(config.model.init_from, variables)
   return TrainState.create(
     apply_fn=model.apply, params=variables['params'], tx=tx, batch_stats=variables['batch_stats']
   )
+
+
+def initialize_from(source: str, variables: dict[str, Any]) -> dict[str, Any]:
+  """Variables with weights from a training workdir or a torchvision DenseNet file (config.model.init_from)."""
+  if os.path.isdir(source):
+    loaded, counts = ssbn.transplant(variables, checkpointing.load_variables(source))
+    logging.info(
+      'init_from %s: %d leaves copied, %d kept at init', source, counts['copied'], counts['kept']
+    )
+    return loaded
+  if not os.path.exists(source):
+    raise UserError(f'config.model.init_from={source!r}: no such workdir or file')
+  from ms_cxr.models import convert
+
+  try:
+    loaded, summary = convert.init_from_torchvision(source, variables)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  logging.info('init_from %s: %s', source, summary)
+  return loaded
 
 
 def count_params(tree: Any) -> int:
@@ -133,13 +160,15 @@ def train_step(
   axis_name: str,
   accum_steps: Mapping[int, int],
   multiscale_loss: str = 'mean',
+  trainable_sizes: tuple[int, ...] = (),
 ) -> tuple[TrainState, Metrics]:
   """One optimisation step on this device's share of the global batch, at the batch's sizes.
 
   The batch holds `image_<size>` for each size this step runs (ms_cxr.data.pipeline). Each size's loss is the
   masked BCE over the global batch; with several sizes they are averaged (or summed). A size with
   `accum_steps[size] = k` runs as k sequential micro-batches whose gradients add up to the same total.
-  Size-specific parameters of sizes not in the batch, and their optimizer state, are left exactly as they were.
+  Size-specific parameters of sizes not in the batch, and their optimizer state, are left exactly as they were;
+  with `trainable_sizes`, only those sizes' SSBN parameters change at all.
   """
   sizes = pipeline.batch_sizes(batch)
   if not sizes:
@@ -190,6 +219,10 @@ def train_step(
   grads = lax.psum(grads, axis_name)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   params_mask = ssbn.size_mask(state.params, sizes)
+  if trainable_sizes:
+    params_mask = jax.tree.map(
+      lambda a, b: a and b, params_mask, ssbn.trainable_mask(state.params, trainable_sizes)
+    )
   if not all(jax.tree.leaves(params_mask)):
     # Zero gradients would still move Adam's moments (and so the parameters) of sizes this step did not run.
     opt_mask = ssbn.opt_state_mask(state.tx, state.opt_state, params_mask)
@@ -265,6 +298,13 @@ def validate_config(config: ml_collections.ConfigDict, dp: parallel.DataParallel
   sizes = tuple(config.data.sizes)
   if not sizes or len(set(sizes)) != len(sizes) or min(sizes) < 16:
     raise UserError(f'config.data.sizes={sizes} must be distinct sizes of at least 16 px')
+  unknown = set(config.train.trainable_sizes) - set(sizes)
+  if unknown:
+    raise UserError(
+      f'config.train.trainable_sizes has {sorted(unknown)}, not among data.sizes {sizes}'
+    )
+  if config.train.trainable_sizes and config.model.norm != 'ssbn':
+    raise UserError("config.train.trainable_sizes needs config.model.norm='ssbn'")
   for name in ('accum_steps', 'size_probs'):
     value = tuple(config.train[name])
     if value and len(value) != len(sizes):
@@ -333,7 +373,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # --- model and optimizer ------------------------------------------------------------------------
   model = models.create_model(config.model, len(labels), config.data.sizes, axis_name=parallel.AXIS)
   schedule = create_learning_rate_schedule(config.optim, config.train.num_steps)
-  state = create_train_state(config, model, create_optimizer(config.optim, schedule))
+  ckpt = checkpointing.Checkpointer(workdir, config.ckpt)
+  resuming = ckpt.latest_step() is not None
+  state = create_train_state(
+    config, model, create_optimizer(config.optim, schedule), load_init_from=not resuming
+  )
   writer.log(f'{config.model.name}: {count_params(state.params):,} parameters')
 
   # --- update step --------------------------------------------------------------------------------
@@ -347,15 +391,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       axis_name=parallel.AXIS,
       accum_steps=accum_steps_by_size(config),
       multiscale_loss=config.train.multiscale_loss,
+      trainable_sizes=tuple(config.train.trainable_sizes),
     ),
     donate_state=True,
   )
   p_eval_step = dp.compile(eval_step, sharded_output=True)
 
   # --- load checkpoint ----------------------------------------------------------------------------
-  ckpt = checkpointing.Checkpointer(workdir, config.ckpt)
   replicated = jax.sharding.NamedSharding(dp.mesh, jax.sharding.PartitionSpec())
-  if ckpt.latest_step() is not None:
+  if resuming:
     manager, step = ckpt.resolve_step('latest')
     state, _ = ckpt.restore(
       manager,

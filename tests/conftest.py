@@ -23,7 +23,7 @@ def smoke_config():
   return densenet.get_config('smoke')
 
 
-@pytest.fixture(scope='session', autouse=True)
+@pytest.fixture(scope='session', autouse=os.environ.get('MS_CXR_TEST_CACHE', '1') == '1')
 def compilation_cache(tmp_path_factory):
   """Many tests compile the same tiny programs: a session-wide persistent cache compiles each once."""
   import jax

@@ -84,3 +84,29 @@ def test_missing_checkpoint_step_is_an_error_and_leaves_checkpoints(tmp_path, st
   assert result.returncode == 2
   assert _last_line(result).startswith(f'error: no checkpoint at step {step} in ')
   assert sorted(os.listdir(workdir / 'checkpoints' / 'latest')) == before == ['12', '6']
+
+
+def test_summary_of_ssbn_and_of_an_ensemble_of_three(tmp_path):
+  from configs import densenet
+
+  from ms_cxr import config_lib
+
+  result = _main('--config=configs/ssbn.py:dataset=nih', '--mode=summary')
+  assert result.returncode == 0, result.stderr
+  assert 'params: 7135502' in result.stdout.splitlines()
+
+  members = []
+  for size in (224, 448, 896):
+    member = tmp_path / f'densenet_{size}'
+    member.mkdir()
+    (member / 'config.json').write_text(
+      config_lib.to_json(densenet.get_config(f'dataset=nih,size={size}'))
+    )
+    members.append(str(member))
+  result = _main(
+    '--config=configs/densenet.py:dataset=nih',
+    '--mode=summary',
+    f'--config.eval.ensemble_workdirs={",".join(members)}',
+  )
+  assert result.returncode == 0, result.stderr
+  assert 'params: 20904618' in result.stdout.splitlines()

@@ -175,3 +175,60 @@ def test_step_sizes_schedules():
     pipeline.step_sizes(i, SIZES, 'random', (0.0, 0.25, 0.75), seed=1)[0] for i in range(400)
   ]
   assert 32 not in draws and 0.65 < draws.count(64) / 400 < 0.85
+
+
+def test_adding_a_size_trains_only_its_branch(tmp_path):
+  from configs import ssbn as ssbn_config
+
+  from ms_cxr import checkpointing
+
+  base = ssbn_config.get_config('smoke,sizes=224+448')
+  base.train.num_steps = 4
+  base.train.eval_every_steps = 0
+  base.ckpt.async_save = False
+  assert tuple(base.data.sizes) == (32, 48)
+  train.train_and_evaluate(base, str(tmp_path / 'two_sizes'))
+  before = checkpointing.load_variables(str(tmp_path / 'two_sizes'))
+
+  added = ssbn_config.get_config('smoke')
+  added.train.num_steps = 4
+  added.train.eval_every_steps = 0
+  added.ckpt.async_save = False
+  added.model.init_from = str(tmp_path / 'two_sizes')
+  added.train.trainable_sizes = (64,)
+  train.train_and_evaluate(added, str(tmp_path / 'three_sizes'))
+  after = checkpointing.load_variables(str(tmp_path / 'three_sizes'))
+
+  # Everything the two-size model had is unchanged, statistics included.
+  for collection in ('params', 'batch_stats'):
+    for size in (32, 48):
+      for path, value in _leaves(before[collection], size).items():
+        np.testing.assert_array_equal(value, _leaves(after[collection], size)[path])
+  np.testing.assert_array_equal(
+    before['params']['conv0']['kernel'], after['params']['conv0']['kernel']
+  )
+  np.testing.assert_array_equal(
+    before['params']['classifier']['kernel'], after['params']['classifier']['kernel']
+  )
+  # The new branch started from the nearest trained size (48) and then trained.
+  new_scale = after['params']['norm5']['ssbn_64']['scale']
+  assert not np.array_equal(new_scale, np.ones_like(new_scale))
+  assert not np.array_equal(new_scale, before['params']['norm5']['ssbn_48']['scale'])
+  assert not np.array_equal(
+    after['batch_stats']['norm5']['ssbn_64']['mean'],
+    before['batch_stats']['norm5']['ssbn_48']['mean'],
+  )
+
+
+def test_transplant_starts_ssbn_from_a_single_scale_model():
+  source = {'params': {'norm0': {'scale': np.full(3, 2.0)}, 'head': {'kernel': np.ones((2, 2))}}}
+  target = {
+    'params': {
+      'norm0': {'ssbn_224': {'scale': np.ones(3)}, 'ssbn_448': {'scale': np.ones(3)}},
+      'head': {'kernel': np.zeros((2, 5))},
+    }
+  }
+  result, counts = ssbn.transplant(target, source)
+  np.testing.assert_array_equal(result['params']['norm0']['ssbn_448']['scale'], np.full(3, 2.0))
+  np.testing.assert_array_equal(result['params']['head']['kernel'], np.zeros((2, 5)))
+  assert counts == {'copied': 2, 'kept': 1}

@@ -160,11 +160,13 @@ def train_dataset(
   if not records:
     raise ValueError('the training split is empty')
   local = _check_batch(config.train.global_batch_size, process_count)
+  # Training only some sizes' SSBN branches (adding a size): steps run at those sizes alone.
+  trainable = tuple(config.train.trainable_sizes)
   load = _LoadTrainBatch(
     records=tuple(records),
-    sizes=tuple(config.data.sizes),
+    sizes=trainable or tuple(config.data.sizes),
     multiscale=config.train.multiscale,
-    size_probs=tuple(config.train.size_probs),
+    size_probs=() if trainable else tuple(config.train.size_probs),
     augment=config.data.augment,
     seed=config.data.seed,
     global_batch_size=config.train.global_batch_size,

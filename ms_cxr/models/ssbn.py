@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
@@ -119,3 +120,66 @@ def opt_state_mask(
   return optax.tree_utils.tree_map_params(
     tx_init, lambda _, m: m, opt_state, params_mask, transform_non_params=lambda _: True
   )
+
+
+def _branch_size(key: str) -> int | None:
+  match = _BRANCH.match(key)
+  return int(match.group(1)) if match else None
+
+
+def transplant(target: PyTree, source: PyTree) -> tuple[PyTree, dict[str, int]]:
+  """Copies `source` variables into `target` wherever they correspond, across norm layouts.
+
+  A target leaf takes the source leaf at the same path and shape. Otherwise, under an `ssbn_<size>` branch, it
+  takes the source branch of the nearest size (so a new size starts from a trained one), or the plain BatchNorm at
+  that place when the source has no size branches (so SSBN starts from a single-scale model). Anything else (a
+  classifier for other labels) keeps its initial value.
+
+  Args:
+    target: nested dicts of arrays, e.g. {'params': ..., 'batch_stats': ...} of the new model.
+    source: the same for the model to copy from.
+
+  Returns:
+    (the new target, {'copied': n, 'kept': m} leaf counts).
+  """
+  flat_source = {
+    tuple(str(getattr(e, 'key', e)) for e in path): value
+    for path, value in jax.tree_util.tree_flatten_with_path(source)[0]
+  }
+  counts = {'copied': 0, 'kept': 0}
+
+  def candidates(path: tuple[str, ...]):
+    yield path
+    for i, key in enumerate(path):
+      size = _branch_size(key)
+      if size is None:
+        continue
+      prefix = path[:i]
+      sizes = {
+        _branch_size(p[i])
+        for p in flat_source
+        if len(p) > i and p[:i] == prefix and _branch_size(p[i]) is not None
+      }
+      for other in sorted(sizes, key=lambda s: (abs(s - size), s)):
+        yield path[:i] + (branch_name(other),) + path[i + 1 :]
+      yield path[:i] + path[i + 1 :]  # a plain BatchNorm in the source
+
+  def take(path, value):
+    names = tuple(str(getattr(e, 'key', e)) for e in path)
+    for candidate in candidates(names):
+      found = flat_source.get(candidate)
+      if found is not None and jnp.shape(found) == jnp.shape(value):
+        counts['copied'] += 1
+        # A fresh buffer per leaf: one source branch may seed several sizes, and leaves sharing a buffer
+        # would be freed twice when the train step donates the state.
+        return jnp.array(np.asarray(found), dtype=jnp.result_type(value))
+    counts['kept'] += 1
+    return value
+
+  return jax.tree_util.tree_map_with_path(take, target), counts
+
+
+def trainable_mask(params: PyTree, trainable_sizes: Iterable[int]) -> PyTree:
+  """True only for the `ssbn_<size>` leaves of `trainable_sizes` (everything else frozen)."""
+  sizes = set(trainable_sizes)
+  return jax.tree_util.tree_map_with_path(lambda path, _: bool(_path_sizes(path) & sizes), params)
