@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax.training import train_state
 from absl import logging
+from flax.training import train_state
 from jax import lax
 
 from ms_cxr import (

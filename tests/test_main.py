@@ -88,7 +88,6 @@ def test_missing_checkpoint_step_is_an_error_and_leaves_checkpoints(tmp_path, st
 
 def test_summary_of_ssbn_and_of_an_ensemble_of_three(tmp_path):
   from configs import densenet
-
   from ms_cxr import config_lib
 
   result = _main('--config=configs/ssbn.py:dataset=nih', '--mode=summary')

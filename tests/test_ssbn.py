@@ -179,7 +179,6 @@ def test_step_sizes_schedules():
 
 def test_adding_a_size_trains_only_its_branch(tmp_path):
   from configs import ssbn as ssbn_config
-
   from ms_cxr import checkpointing
 
   base = ssbn_config.get_config('smoke,sizes=224+448')

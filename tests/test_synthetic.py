@@ -161,14 +161,14 @@ def test_cardiomegaly_enlarges_the_heart_beyond_a_cardiothoracic_ratio_of_055(re
 
 def test_renders_look_like_a_chest_radiograph():
   case = dataclasses.replace(synthetic.describe_case(0, 0), findings=())
-  image = synthetic.render(case, 128).astype(float)
-  assert image.dtype == float and image.shape == (128, 128)
+  rendered = synthetic.render(case, 128)
+  assert rendered.dtype == np.uint8 and rendered.shape == (128, 128)
+  image = rendered.astype(float)
   row = int(0.4 * 128)
   mediastinum = image[row, int(case.cx * 128)]
   lungs = [image[row, int((case.cx + s * case.half_width / 2) * 128)] for s in (-1, 1)]
   abdomen = image[int(0.9 * 128), int(case.cx * 128) + 10]
   assert mediastinum > max(lungs) + 60 and abdomen > max(lungs) + 60
-  assert synthetic.render(case, 128).dtype == np.uint8
 
 
 @pytest.mark.parametrize('small', [64, 128])
@@ -180,7 +180,7 @@ def test_a_small_render_matches_a_downscaled_large_render(records, small):
   assert r > 0.98
 
 
-@pytest.mark.parametrize('label', [k for k in synthetic.LABELS])
+@pytest.mark.parametrize('label', synthetic.LABELS)
 def test_a_finding_changes_pixels_inside_its_box(records, label):
   size = 256
   case = _first_case_with(records, label)

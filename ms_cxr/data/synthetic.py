@@ -607,7 +607,7 @@ def _describe(seed: int, index: int, patient: int, p: _Patient) -> Case:
     grain=d.uniform(0.006, 0.014),
   )
   present = _present(p, d)
-  strength = {label: d.uniform(0.45, 1.0) for label in LABELS}
+  strength = {label: d.uniform(0.5, 1.0) for label in LABELS}
   strength['Effusion'] = 0.75 + 0.25 * strength['Effusion']  # fluid displaces nearly all air
   strength['Cardiomegaly'] = p.cardiothoracic
   # Cardiomegaly and atelectasis change the thorax the other findings are placed in; the geometry
@@ -887,7 +887,7 @@ def _draw_findings(
       continue  # drawn as the heart
     win, uw, vw = _window(n, _extent(g, f))
     if f.label in ('Nodule', 'Mass'):
-      opacity = 0.3 if f.label == 'Nodule' else 0.25
+      opacity = 0.35 if f.label == 'Nodule' else 0.25
       density[win] += (opacity * f.strength) * _shape(g, f, uw, vw, px)
     elif f.label == 'Pneumothorax':
       d = _pneumothorax_distance(g, f, uw, vw)
