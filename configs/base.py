@@ -31,6 +31,14 @@ def get_config() -> ml_collections.ConfigDict:
     {f'num_{split}': n for split, n in SYNTHETIC_SPLITS.items()}
   )
   data.synthetic.images_per_patient = 3
+  data.nih = ml_collections.ConfigDict()
+  data.nih.views = ('PA', 'AP')  # View Position values kept
+  data.chexpert = ml_collections.ConfigDict()
+  data.chexpert.views = ('frontal',)  # frontal | lateral
+  # Uncertain (-1) labels: ignore (NaN, masked) | zeros | ones | mixed (ones for Atelectasis and Edema) | smooth.
+  data.chexpert.uncertainty = 'ones'
+  data.chexpert.blank = 0.0  # value of a blank (not mentioned) label; NaN masks it instead
+  data.chexpert.smoothing_range = (0.55, 0.85)  # smooth: uncertain labels drawn in this range
   data.augment = ml_collections.ConfigDict()
   data.augment.enabled = True
   data.augment.max_rotate_deg = 5.0
@@ -122,11 +130,11 @@ def get_config() -> ml_collections.ConfigDict:
 def apply_cpu_experiment(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The README's CPU experiment: a small DenseNet, the same step and image budget for every row of the table."""
   config.model.name = 'densenet_small'
-  config.train.global_batch_size = 24
-  config.train.num_steps = 300
-  config.train.log_every_steps = 25
-  config.train.eval_every_steps = 150
-  config.ckpt.every_steps = 150
+  config.train.global_batch_size = 16
+  config.train.num_steps = 240
+  config.train.log_every_steps = 40
+  config.train.eval_every_steps = 0  # no model selection: every row is its final checkpoint
+  config.ckpt.every_steps = 120
   config.optim.learning_rate = 2e-3
   config.optim.schedule = 'cosine'
   config.optim.warmup_steps = 30

@@ -30,6 +30,12 @@ flags.DEFINE_enum(
   ['train', 'evaluate', 'train_and_evaluate', 'summary'],
   'What to run.',
 )
+flags.DEFINE_bool(
+  'memory',
+  False,
+  'With --mode=summary: also compile the train step at each size (batch train.global_batch_size on one '
+  "device) and print XLA's peak memory estimate.",
+)
 flags.mark_flags_as_required(['config'])
 
 EXIT_USER_ERROR = 2
@@ -65,6 +71,13 @@ def summary(config) -> None:
   print(f'params: {totals.pop("params")}')
   for name in sorted(totals):
     print(f'{name}: {totals[name]}')
+  if FLAGS.memory:
+    for size in config.data.sizes:
+      figures = train.train_step_memory(config, size)
+      print(
+        f'train step at {size} px, batch {config.train.global_batch_size}, remat={config.model.remat}: '
+        f'peak {figures["peak_bytes"] / 2**20:,.0f} MiB (temporaries {figures["temp_bytes"] / 2**20:,.0f} MiB)'
+      )
 
 
 class _QuietLibraries(logging.logging.Filter):

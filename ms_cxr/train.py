@@ -238,6 +238,53 @@ def train_step(
   return new_state, step_metrics
 
 
+def train_step_memory(config: ml_collections.ConfigDict, size_px: int) -> dict[str, int]:
+  """XLA's memory figures (bytes) for one device's train step at `size_px`, compiled but not run.
+
+  The per-device batch is `train.global_batch_size` over one device, split by `train.accum_steps`; nothing is
+  allocated (abstract inputs), so this answers "does 896 px fit" before a cluster run. `peak_bytes` is arguments
+  + outputs + temporaries - aliased (donated) buffers.
+  """
+  dp = parallel.DataParallel.create(config.parallel.api, 1)
+  model = models.create_model(
+    config.model, len(config.data.labels), config.data.sizes, parallel.AXIS
+  )
+  schedule = create_learning_rate_schedule(config.optim, config.train.num_steps)
+  state = jax.eval_shape(
+    lambda: create_train_state(
+      config, model, create_optimizer(config.optim, schedule), load_init_from=False
+    )
+  )
+  batch_size = config.train.global_batch_size
+  batch = {
+    pipeline.image_key(size_px): jax.ShapeDtypeStruct((batch_size, size_px, size_px, 1), jnp.uint8),
+    'labels': jax.ShapeDtypeStruct((batch_size, len(config.data.labels)), jnp.float32),
+  }
+  step = dp.compile(
+    functools.partial(
+      train_step,
+      label_weights=None,
+      axis_name=parallel.AXIS,
+      accum_steps=accum_steps_by_size(config),
+    ),
+    donate_state=True,
+  )
+  analysis = step.lower(state, batch).compile().memory_analysis()
+  figures = {
+    'argument_bytes': analysis.argument_size_in_bytes,
+    'output_bytes': analysis.output_size_in_bytes,
+    'temp_bytes': analysis.temp_size_in_bytes,
+    'alias_bytes': analysis.alias_size_in_bytes,
+  }
+  figures['peak_bytes'] = (
+    figures['argument_bytes']
+    + figures['output_bytes']
+    + figures['temp_bytes']
+    - figures['alias_bytes']
+  )
+  return figures
+
+
 def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
   """Logits at every size in the batch for this device's examples (BatchNorm in inference mode)."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -417,9 +464,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   progress = metric_writers.ReportProgress(
     config.train.num_steps, config.train.global_batch_size, first_step
   )
-  pending: list[
-    tuple[int, Metrics]
-  ] = []  # per-step metrics not yet fetched (fetching would stall dispatch)
+  # Per-step metrics not yet fetched: fetching every step would stall the dispatch of the next one.
+  pending: list[tuple[int, Metrics]] = []
   last_saved = first_step
 
   def flush(step: int) -> dict[str, float]:
@@ -464,7 +510,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         step % config.train.eval_every_steps == 0 or is_last
       )
       if eval_now:
-        flush(step) if pending else None
+        if pending:
+          flush(step)
         logits = predict(p_eval_step, state, val_records, config, dp)
         # best_on_val would choose sizes on the very split it is scored on: use the mean there.
         rule = 'mean_prob' if config.eval.fusion == 'best_on_val' else config.eval.fusion
@@ -480,7 +527,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           save(step, best=True, extra={'val_mean_auroc': score})
 
       if step % config.ckpt.every_steps == 0 or is_last:
-        flush(step) if pending else None
+        if pending:
+          flush(step)
         save(step)
         last_saved = step
   finally:

@@ -7,6 +7,7 @@ by patient), `test` (reported).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import ml_collections
 
@@ -51,11 +52,18 @@ def load_split(data_config: ml_collections.ConfigDict, split: str) -> list[Recor
   if dataset == 'nih':
     from ms_cxr.data import nih
 
-    reader = nih.read_records
+    reader = functools.partial(nih.read_records, views=tuple(data_config.nih.views))
   elif dataset == 'chexpert':
     from ms_cxr.data import chexpert
 
-    reader = chexpert.read_records
+    options = data_config.chexpert
+    reader = functools.partial(
+      chexpert.read_records,
+      views=tuple(options.views),
+      uncertainty=options.uncertainty,
+      blank=options.blank,
+      smoothing_range=tuple(options.smoothing_range),
+    )
   else:
     raise UserError(f'config.data.dataset={dataset!r} is unknown; expected one of {DATASETS}')
   if not data_config.root:

@@ -306,7 +306,7 @@ class _Geometry:
 
   def mediastinum_half_width(self, v: np.ndarray) -> np.ndarray:
     """The mediastinum widens from the thoracic inlet down to the hila."""
-    t = np.clip((v - self.apex_y) / 0.35, 0.0, 1.0)
+    t = np.minimum(np.maximum((v - self.apex_y) / 0.35, 0.0), 1.0)
     return self.mediastinum * (1.0 + 0.3 * t * t * (3.0 - 2.0 * t))
 
   def lung(self, side: int, u: np.ndarray, v: np.ndarray, px: float) -> np.ndarray:
@@ -343,7 +343,7 @@ class _Geometry:
     y = self.apex_y + 0.08 + fy * (self.base_y[_side_index(side)] - self.apex_y - 0.12)
     half = ax * math.sqrt(max(0.0, 1.0 - ((y - ey) / ay) ** 2))
     lateral = side * (ex - self.cx) + half - margin
-    medial = float(self.mediastinum_half_width(np.array(y))) + margin
+    medial = float(self.mediastinum_half_width(y)) + margin
     dy = y - self.heart_y
     if abs(dy) < self.heart_ry:
       centre = self.heart_x + self.heart_tilt * dy
@@ -351,7 +351,7 @@ class _Geometry:
       medial = max(medial, side * (centre - self.cx) + reach + margin)
     medial = min(medial, lateral)
     x = self.cx + side * (medial + fx * (lateral - medial))
-    return x, min(y, float(self.diaphragm(side, np.array(x))) - margin)
+    return x, min(y, float(self.diaphragm(side, x)) - margin)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,7 +390,7 @@ def _atelectasis_shape(f: Finding, u: np.ndarray, v: np.ndarray, px: float):
 
 def _effusion_shape(g: _Geometry, f: Finding, u: np.ndarray, v: np.ndarray, px: float):
   """Fluid below level `y`, climbing the lateral chest wall in a meniscus `ry` high."""
-  lateral = np.clip(f.side * (u - g.cx) / g.half_width, 0.0, 1.0)
+  lateral = np.minimum(np.maximum(f.side * (u - g.cx) / g.half_width, 0.0), 1.0)
   return _inside(f.y - f.ry * lateral * lateral - v, _edge(0.025, px))
 
 
