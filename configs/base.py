@@ -39,6 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.chexpert.uncertainty = 'ones'
   data.chexpert.blank = 0.0  # value of a blank (not mentioned) label; NaN masks it instead
   data.chexpert.smoothing_range = (0.55, 0.85)  # smooth: uncertain labels drawn in this range
+  data.vindr = ml_collections.ConfigDict()
+  # Label names: vindr (its own findings) | chexpert | nih (mapped for external validation; unmapped = NaN).
+  data.vindr.label_space = 'vindr'
+  data.vindr.aggregate = 'majority'  # across the 3 radiologists: any | majority
   data.augment = ml_collections.ConfigDict()
   data.augment.enabled = True
   data.augment.max_rotate_deg = 5.0

@@ -16,7 +16,7 @@ from ms_cxr.data import synthetic
 from ms_cxr.data.records import Record
 from ms_cxr.errors import UserError
 
-DATASETS = ('synthetic', 'nih', 'chexpert')
+DATASETS = ('synthetic', 'nih', 'chexpert', 'vindr')
 SPLITS = ('train', 'val', 'test')
 
 
@@ -28,6 +28,10 @@ def default_labels(dataset: str) -> tuple[str, ...]:
     return labels_lib.NIH_LABELS
   if dataset == 'chexpert':
     return labels_lib.CHEXPERT_LABELS
+  if dataset == 'vindr':
+    from ms_cxr.data import vindr
+
+    return tuple(vindr.VINDR_FINDINGS)
   raise UserError(f'config.data.dataset={dataset!r} is unknown; expected one of {DATASETS}')
 
 
@@ -63,6 +67,13 @@ def load_split(data_config: ml_collections.ConfigDict, split: str) -> list[Recor
       uncertainty=options.uncertainty,
       blank=options.blank,
       smoothing_range=tuple(options.smoothing_range),
+    )
+  elif dataset == 'vindr':
+    from ms_cxr.data import vindr
+
+    options = data_config.vindr
+    reader = functools.partial(
+      vindr.read_records, label_space=options.label_space, aggregate=options.aggregate
     )
   else:
     raise UserError(f'config.data.dataset={dataset!r} is unknown; expected one of {DATASETS}')

@@ -16,14 +16,14 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ms_cxr.data import synthetic
+from ms_cxr.data import dicom, synthetic
 
 
 def load(ref: str, sizes: Sequence[int]) -> dict[int, np.ndarray]:
   """Reads an image reference once and returns it at each size: {size: uint8 grayscale [size, size]}.
 
   Args:
-    ref: a file path (PNG/JPEG, 8 or 16 bit, grayscale or RGB) or a `synthetic:<seed>:<index>` reference (rendered
+    ref: a file path (PNG/JPEG, 8 or 16 bit, grayscale or RGB; DICOM via ms_cxr.data.dicom) or a `synthetic:<seed>:<index>` reference (rendered
       at each size from its resolution-independent description).
     sizes: output sides.
 
@@ -32,6 +32,9 @@ def load(ref: str, sizes: Sequence[int]) -> dict[int, np.ndarray]:
   """
   if ref.startswith('synthetic:'):
     return {size: synthetic.load(ref, size) for size in sizes}
+  if ref.lower().endswith(('.dcm', '.dicom')):
+    pixels = dicom.read_dicom(ref)  # raises ValueError naming the file
+    return {size: resize(pixels, size) for size in sizes}
   try:
     with Image.open(ref) as img:
       img.load()
