@@ -21,6 +21,7 @@ setuptools.setup(
     'orbax-checkpoint>=0.11',
     'pillow>=10.0',
     'pydicom>=2.4',
+    'safetensors>=0.4',
     'scikit-learn>=1.4',
     'tensorboardX>=2.6',
     'tensorflow-datasets>=4.9.7',

@@ -23,8 +23,9 @@ def load(ref: str, sizes: Sequence[int]) -> dict[int, np.ndarray]:
   """Reads an image reference once and returns it at each size: {size: uint8 grayscale [size, size]}.
 
   Args:
-    ref: a file path (PNG/JPEG, 8 or 16 bit, grayscale or RGB; DICOM via ms_cxr.data.dicom) or a `synthetic:<seed>:<index>` reference (rendered
-      at each size from its resolution-independent description).
+    ref: a file path (PNG/JPEG, 8 or 16 bit, grayscale or RGB; DICOM via ms_cxr.data.dicom) or a
+      `synthetic:<seed>:<index>` reference (rendered at each size from its resolution-independent
+      description).
     sizes: output sides.
 
   Raises:
