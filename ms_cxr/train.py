@@ -307,11 +307,16 @@ def predict(
   )
   num_labels = len(config.data.labels)
   logits = {s: np.zeros((len(records), num_labels), np.float32) for s in config.data.sizes}
-  for batch in ds:
-    out = dp.gather(p_eval_step(state, dp.shard_batch(batch)))
-    keep = out['valid']
-    for size in config.data.sizes:
-      logits[size][out['index'][keep]] = out[f'logits_{size}'][keep]
+  iterator = iter(ds)
+  try:
+    for batch in iterator:
+      out = dp.gather(p_eval_step(state, dp.shard_batch(batch)))
+      keep = out['valid']
+      for size in config.data.sizes:
+        logits[size][out['index'][keep]] = out[f'logits_{size}'][keep]
+  finally:
+    if hasattr(iterator, 'close'):  # stops Grain worker processes and frees their shared memory
+      iterator.close()
   return logits
 
 
@@ -535,6 +540,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ckpt.wait()
     ckpt.close()
     writer.close()
+    if hasattr(train_iter, 'close'):  # stops Grain worker processes and frees their shared memory
+      train_iter.close()
   return state
 
 
