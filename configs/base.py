@@ -115,6 +115,8 @@ def get_config() -> ml_collections.ConfigDict:
   # label, the size with the best validation AUROC). Each size alone is reported too.
   ev.fusion = 'mean_prob'
   ev.ensemble_workdirs = ''  # comma-separated workdirs: evaluate the mean of their predictions
+  ev.bootstrap_resamples = 1000  # 95% AUROC intervals by resampling patients; 0 = none
+  ev.bootstrap_seed = 0
   ev.max_images = 0  # 0 = the whole split (a positive number evaluates a prefix, for quick checks)
 
   # --- checkpoints --------------------------------------------------------------------------------
@@ -161,6 +163,7 @@ def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.train.eval_every_steps = 6
   config.optim.learning_rate = 1e-3
   config.eval.batch_size = 16
+  config.eval.bootstrap_resamples = 200
   config.ckpt.every_steps = 6
   config.ckpt.max_to_keep = 2
   return config

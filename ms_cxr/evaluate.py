@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ms_cxr import checkpointing, fusion, metrics, models, parallel, train
+from ms_cxr import checkpointing, fusion, metrics, models, parallel, report, train
 from ms_cxr.data import datasets
 from ms_cxr.data.records import label_matrix
 from ms_cxr.errors import UserError
@@ -90,6 +90,41 @@ def _score(probs: np.ndarray, targets: np.ndarray, labels: tuple[str, ...]) -> d
   }
 
 
+def _full_score(
+  probs: np.ndarray,
+  targets: np.ndarray,
+  labels: tuple[str, ...],
+  patient_ids: list[str],
+  eval_config: ml_collections.ConfigDict,
+) -> dict[str, Any]:
+  """AUROC with patient-bootstrap intervals, average precision, Youden operating points, calibration."""
+  result = _score(probs, targets, labels)
+  result['per_class_ap'] = metrics.per_class_average_precision(probs, targets, labels)
+  result['operating_points'] = metrics.operating_points(probs, targets, labels)
+  result['expected_calibration_error'] = metrics.expected_calibration_error(probs, targets)
+  if eval_config.bootstrap_resamples > 0:
+    ci = metrics.bootstrap_auroc_ci(
+      probs,
+      targets,
+      labels,
+      patient_ids,
+      num_resamples=eval_config.bootstrap_resamples,
+      seed=eval_config.bootstrap_seed,
+    )
+    result['per_class_auroc_ci'] = {
+      label: None if v['lo'] is None else [v['lo'], v['hi']] for label, v in ci['per_label'].items()
+    }
+    mean = ci['mean']
+    result['mean_auroc_ci'] = None if mean['lo'] is None else [mean['lo'], mean['hi']]
+    result['bootstrap'] = {
+      'num_resamples': ci['num_resamples'],
+      'seed': ci['seed'],
+      'alpha': ci['alpha'],
+      'unit': 'patient',
+    }
+  return result
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates one checkpoint of `workdir` (or an ensemble) on `config.eval.split` and writes the report.
 
@@ -140,7 +175,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     dataset=config.data.dataset,
     split=config.eval.split,
     sizes=list(config.data.sizes),
-    **_score(probs, targets, labels),
+    **_full_score(probs, targets, labels, [r.patient_id for r in records], config.eval),
   )
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, 'eval', config.eval.name or config.eval.split)
@@ -151,7 +186,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ids = [r.id for r in records]
     write_predictions(os.path.join(out_dir, 'predictions.csv'), ids, probs, targets, labels)
     train.write_json_atomic(os.path.join(out_dir, 'metrics.json'), result)
+    name = os.path.basename(os.path.normpath(workdir))
+    write_text_atomic(os.path.join(out_dir, 'table.md'), report.table([(name, result)], 'md'))
+    write_text_atomic(os.path.join(out_dir, 'table.csv'), report.table([(name, result)], 'csv'))
   return result
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  with open(path + '.tmp', 'w', newline='') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
 
 
 def _evaluate_ensemble(config, members, records, targets, dp):
@@ -197,9 +241,7 @@ def write_predictions(
       target = targets[i, k]
       row += [repr(float(probs[i, k])), '' if np.isnan(target) else f'{target:g}']
     writer.writerow(row)
-  with open(path + '.tmp', 'w', newline='') as f:
-    f.write(buffer.getvalue())
-  os.replace(path + '.tmp', path)
+  write_text_atomic(path, buffer.getvalue())
 
 
 def format_table(result: dict[str, Any]) -> str:

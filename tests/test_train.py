@@ -125,3 +125,25 @@ def test_mismatched_checkpoint_is_refused(trained_workdir):
   config.data.labels = tuple(config.data.labels[:3])
   with pytest.raises(UserError, match='was written with labels='):
     evaluate.evaluate(config, workdir)
+
+
+def test_report_files_and_byte_identical_reevaluation(trained_workdir):
+  config, workdir = trained_workdir
+  config = config.copy_and_resolve_references()
+  config.eval.name = 'twice'
+  evaluate.evaluate(config, workdir)
+  first = open(f'{workdir}/eval/twice/metrics.json', 'rb').read()
+  evaluate.evaluate(config, workdir)
+  assert open(f'{workdir}/eval/twice/metrics.json', 'rb').read() == first
+  result = json.loads(first)
+  for key in ('per_class_auroc_ci', 'per_class_ap', 'mean_auroc_ci', 'operating_points'):
+    assert key in result
+  for label, value in result['per_class_auroc'].items():
+    interval = result['per_class_auroc_ci'][label]
+    assert (value is None) == (interval is None)
+    if interval is not None:
+      assert interval[0] <= interval[1]
+  table = open(f'{workdir}/eval/twice/table.md').read()
+  assert '| mean AUROC |' in table and f'{result["mean_auroc"]:.4f}' in table
+  rows = list(csv.reader(open(f'{workdir}/eval/twice/table.csv')))
+  assert rows[0][0] == 'label' and [r[0] for r in rows[1:-2]] == result['labels']
