@@ -64,6 +64,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Start from other weights: a training workdir (its latest checkpoint; SSBN branches missing there start from the
   # nearest size, or from the plain BatchNorm of a single-scale model) or a torchvision DenseNet state dict file
   # (.pth / .safetensors / .npz). Ignored when the workdir already has a checkpoint (resume wins).
+  # MS-ANet (model.name msanet_*): block outputs used as scales, how their CAMs are fused and pooled. These are
+  # reconstructions (only the paper's abstract is public); see ms_cxr/models/msanet.py.
+  model.msanet = ml_collections.ConfigDict()
+  model.msanet.scales = (2, 3, 4)
+  model.msanet.fusion = 'learned'  # learned | mean
+  model.msanet.attention_pooling = 'reweight'  # reweight | none
+  model.msanet.attention_gate = 'sigmoid'  # sigmoid | softmax
   model.init_from = ''
   model.remat = False  # rematerialise dense layers: less activation memory, ~30% more compute
 
@@ -90,7 +97,13 @@ def get_config() -> ml_collections.ConfigDict:
   train.num_steps = 10_000
   train.log_every_steps = 50
   train.eval_every_steps = 1000  # validation AUROC for the best checkpoint; 0 = never
-  train.label_weights = ()  # optional per-label loss weights, one per label (empty = all 1)
+  train.loss = 'bce'  # bce | weighted_bce (w_pos = exp(1 - p_k), w_neg = exp(p_k)) | focal
+  train.focal_gamma = 2.0
+  train.label_weights = ()  # optional per-label loss weights for bce, one per label (empty = all 1)
+  # Attention models (MS-ANet): loss on each scale's logits, and attention consistency under a transform.
+  train.scale_loss_weight = 0.0
+  train.consistency_weight = 0.0
+  train.consistency_transform = 'rescale'  # rescale | translate | rotate | hflip
   # Multi-scale training, when data.sizes has several sizes:
   #   round_robin: one size per step, cycling; random: one size per step drawn with size_probs;
   #   all: every size of the same images in one step, losses combined by multiscale_loss (mean | sum).
@@ -151,7 +164,7 @@ def apply_cpu_experiment(config: ml_collections.ConfigDict) -> ml_collections.Co
 
 def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks any config to a run of at most ~2 minutes on a 2-core CPU (tests use this)."""
-  config.model.name = 'densenet_tiny'
+  config.model.name = 'msanet_tiny' if config.model.name.startswith('msanet') else 'densenet_tiny'
   # Small stand-ins keep the number of sizes (and so the multi-scale code paths) of the full config.
   config.data.sizes = (32, 48, 64)[: len(config.data.sizes)]
   config.data.synthetic.num_train = 256

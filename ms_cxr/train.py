@@ -7,6 +7,7 @@ Running it again on the same workdir resumes from the latest checkpoint, data or
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -25,6 +26,7 @@ from flax.training import train_state
 from jax import lax
 
 from ms_cxr import (
+  attention_losses,
   checkpointing,
   config_lib,
   fusion,
@@ -152,15 +154,42 @@ def count_params(tree: Any) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionTerms:
+  """The extra loss terms of attention models (MS-ANet); all off by default.
+
+  Attributes:
+    scale_weight: weight of the classification loss on each scale's own logits.
+    consistency_weight: weight of the attention-consistency loss (Guo et al. 2019).
+    transform: the geometric transform T (see ms_cxr.attention_losses.TRANSFORMS).
+    seed: seeds the per-step transform parameters.
+  """
+
+  scale_weight: float = 0.0
+  consistency_weight: float = 0.0
+  transform: str = 'rescale'
+  seed: int = 0
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> AttentionTerms:
+    return cls(
+      scale_weight=config.train.scale_loss_weight,
+      consistency_weight=config.train.consistency_weight,
+      transform=config.train.consistency_transform,
+      seed=config.train.seed,
+    )
+
+
 def train_step(
   state: TrainState,
   batch: Batch,
   *,
-  label_weights: jax.Array | None,
+  classification_loss: losses.LossFn,
   axis_name: str,
   accum_steps: Mapping[int, int],
   multiscale_loss: str = 'mean',
   trainable_sizes: tuple[int, ...] = (),
+  attention: AttentionTerms = AttentionTerms(),
 ) -> tuple[TrainState, Metrics]:
   """One optimisation step on this device's share of the global batch, at the batch's sizes.
 
@@ -169,6 +198,10 @@ def train_step(
   `accum_steps[size] = k` runs as k sequential micro-batches whose gradients add up to the same total.
   Size-specific parameters of sizes not in the batch, and their optimizer state, are left exactly as they were;
   with `trainable_sizes`, only those sizes' SSBN parameters change at all.
+
+  Attention models (MS-ANet) return a dict; `attention` adds the per-scale logits' loss and the consistency
+  loss between CAM(T(x)) and T(CAM(x)), with T drawn per image from a key folded with the step and the device.
+  The transformed images join the batch, so they share BatchNorm statistics and are classified too.
   """
   sizes = pipeline.batch_sizes(batch)
   if not sizes:
@@ -181,12 +214,41 @@ def train_step(
   )
   size_weight = 1.0 / len(sizes) if multiscale_loss == 'mean' else 1.0
 
-  def loss_fn(params, batch_stats, images, chunk_labels):
-    logits, updates = state.apply_fn(
+  consistency = attention.consistency_weight > 0
+  step_key = jax.random.fold_in(
+    jax.random.fold_in(jax.random.key(attention.seed), state.step), lax.axis_index(axis_name)
+  )
+
+  def loss_fn(params, batch_stats, images, chunk_labels, key, num_chunks):
+    batch_size = images.shape[0]
+    if consistency:
+      transform = attention_losses.random_transform_params(key, attention.transform, batch_size)
+      images = jnp.concatenate(
+        [images, attention_losses.transform_images(images, attention.transform, transform)]
+      )
+      chunk_labels = jnp.concatenate([chunk_labels, chunk_labels])
+    out, updates = state.apply_fn(
       {'params': params, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats']
     )
-    loss_sum, _ = losses.masked_bce_sum(logits, chunk_labels, label_weights)
-    return loss_sum / global_count * size_weight, updates['batch_stats']
+    outputs = out if isinstance(out, dict) else {'logits': out}
+    copies = 2.0 if consistency else 1.0
+    loss_sum, _ = classification_loss(outputs['logits'], chunk_labels)
+    total = loss_sum / (global_count * copies)
+    if attention.scale_weight > 0 and 'scale_logits' in outputs:
+      for scale_logits in outputs['scale_logits']:
+        scale_sum, _ = classification_loss(scale_logits, chunk_labels)
+        total += attention.scale_weight * scale_sum / (global_count * copies)
+    if consistency:
+      maps = [*outputs['cams'], outputs['fused_cam']]
+      for m in maps:
+        c_sum, c_count = attention_losses.attention_consistency_sum(
+          m[batch_size:],
+          attention_losses.transform_maps(m[:batch_size], attention.transform, transform),
+        )
+        # c_count depends on shapes only: its global sum is this count times the replicas and micro-batches.
+        denominator = lax.psum(c_count, axis_name) * num_chunks * len(maps)
+        total += attention.consistency_weight * c_sum / denominator
+    return total * size_weight, updates['batch_stats']
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   grads = jax.tree.map(jnp.zeros_like, state.params)
@@ -195,19 +257,22 @@ def train_step(
   for size in sizes:
     images = batch[pipeline.image_key(size)]
     chunks = accum_steps.get(size, 1)
+    size_key = jax.random.fold_in(step_key, size)
     if chunks == 1:
-      (loss, batch_stats), size_grads = grad_fn(state.params, batch_stats, images, labels)
+      (loss, batch_stats), size_grads = grad_fn(
+        state.params, batch_stats, images, labels, size_key, 1
+      )
     else:
       # Micro-batches in sequence (lax.scan keeps one in memory at a time); BatchNorm statistics are those of
       # each micro-batch (across devices), and the running averages are updated once per micro-batch.
-      def micro_step(carry, chunk):
+      def micro_step(carry, chunk, num_chunks=chunks):
         stats, grad_sum, loss_sum = carry
-        (loss, stats), g = grad_fn(state.params, stats, *chunk)
+        (loss, stats), g = grad_fn(state.params, stats, *chunk, num_chunks)
         return (stats, jax.tree.map(jnp.add, grad_sum, g), loss_sum + loss), None
 
       micro_batches = jax.tree.map(
         lambda x, n=chunks: x.reshape(n, x.shape[0] // n, *x.shape[1:]), (images, labels)
-      )
+      ) + (jax.random.split(size_key, chunks),)
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (batch_stats, size_grads, loss), _ = lax.scan(
         micro_step, (batch_stats, zeros, jnp.zeros((), jnp.float32)), micro_batches
@@ -263,7 +328,7 @@ def train_step_memory(config: ml_collections.ConfigDict, size_px: int) -> dict[s
   step = dp.compile(
     functools.partial(
       train_step,
-      label_weights=None,
+      classification_loss=losses.masked_bce_sum,
       axis_name=parallel.AXIS,
       accum_steps=accum_steps_by_size(config),
     ),
@@ -290,7 +355,10 @@ def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   out = {'index': batch['index'], 'valid': batch['valid']}
   for size in pipeline.batch_sizes(batch):
-    out[f'logits_{size}'] = state.apply_fn(variables, batch[pipeline.image_key(size)], train=False)
+    logits = state.apply_fn(variables, batch[pipeline.image_key(size)], train=False)
+    out[f'logits_{size}'] = (
+      logits['logits'] if isinstance(logits, dict) else logits
+    )  # MS-ANet: fused
   return out
 
 
@@ -372,6 +440,16 @@ def validate_config(config: ml_collections.ConfigDict, dp: parallel.DataParallel
     raise UserError(
       f'config.train.multiscale={config.train.multiscale!r}; expected one of {pipeline.MULTISCALE_MODES}'
     )
+  if config.train.loss not in losses.LOSSES:
+    raise UserError(f'config.train.loss={config.train.loss!r}; expected one of {losses.LOSSES}')
+  if config.train.consistency_transform not in attention_losses.TRANSFORMS:
+    raise UserError(
+      f'config.train.consistency_transform={config.train.consistency_transform!r}; '
+      f'expected one of {attention_losses.TRANSFORMS}'
+    )
+  is_attention_model = config.model.name.startswith('msanet')
+  if (config.train.consistency_weight or config.train.scale_loss_weight) and not is_attention_model:
+    raise UserError('config.train.consistency_weight / scale_loss_weight need an msanet_* model')
   if config.eval.fusion not in fusion.FUSIONS:
     raise UserError(f'config.eval.fusion={config.eval.fusion!r}; expected one of {fusion.FUSIONS}')
   for name in ('train.global_batch_size', 'eval.batch_size'):
@@ -433,17 +511,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   writer.log(f'{config.model.name}: {count_params(state.params):,} parameters')
 
   # --- update step --------------------------------------------------------------------------------
-  label_weights = (
-    jnp.asarray(config.train.label_weights, jnp.float32) if config.train.label_weights else None
+  classification_loss = losses.classification_loss(
+    config.train.loss,
+    label_weights=config.train.label_weights,
+    positive_rates=attention_losses.positive_rates(label_matrix(train_records, len(labels))),
+    focal_gamma=config.train.focal_gamma,
   )
   p_train_step = dp.compile(
     functools.partial(
       train_step,
-      label_weights=label_weights,
+      classification_loss=classification_loss,
       axis_name=parallel.AXIS,
       accum_steps=accum_steps_by_size(config),
       multiscale_loss=config.train.multiscale_loss,
       trainable_sizes=tuple(config.train.trainable_sizes),
+      attention=AttentionTerms.from_config(config),
     ),
     donate_state=True,
   )

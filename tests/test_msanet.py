@@ -361,3 +361,42 @@ def test_cross_scale_consistency():
   total, count = al.cross_scale_consistency_sum([fine, coarse, coarse + 1])
   # Pairs (fine, coarse) 0, (fine, coarse+1) and (coarse, coarse+1) 1 per entry; 3 pairs x 32 entries.
   assert (float(total), float(count)) == (64.0, 96.0)
+
+
+def test_msanet_trains_through_the_data_parallel_step_with_consistency():
+  """The configured MS-ANet step on 2 devices: finite loss, consistency adds to it, classifiers still train."""
+  import functools
+
+  from configs import msanet as msanet_config
+  from ms_cxr import losses, models, parallel, train
+
+  config = msanet_config.get_config('smoke')
+  labels = len(config.data.labels)
+  dp = parallel.DataParallel.create('shard_map', 2)
+  model = models.create_model(config.model, labels, config.data.sizes, axis_name=parallel.AXIS)
+  schedule = train.create_learning_rate_schedule(config.optim, 10)
+  state = train.create_train_state(config, model, train.create_optimizer(config.optim, schedule))
+  rng = np.random.default_rng(0)
+  batch = {
+    'image_32': rng.integers(0, 256, (4, 32, 32, 1), dtype=np.uint8),
+    'labels': (rng.random((4, labels)) < 0.3).astype(np.float32),
+  }
+  results = {}
+  for weight in (0.0, 1.0):
+    terms = train.AttentionTerms(scale_weight=0.5, consistency_weight=weight, transform='rescale')
+    step = dp.compile(
+      functools.partial(
+        train.train_step,
+        classification_loss=losses.masked_bce_sum,
+        axis_name=parallel.AXIS,
+        accum_steps={},
+        attention=terms,
+      )
+    )
+    new_state, metrics = step(dp.replicate(state), dp.shard_batch(batch))
+    results[weight] = (float(metrics['loss']), jax.device_get(new_state.params))
+  assert np.isfinite(results[0.0][0]) and np.isfinite(results[1.0][0])
+  assert results[1.0][0] != results[0.0][0]
+  before = jax.device_get(state.params)
+  for name in ('classifier', 'classifier_block2', 'classifier_block3', 'classifier_block4'):
+    assert not np.array_equal(before[name]['kernel'], results[1.0][1][name]['kernel'])

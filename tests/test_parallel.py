@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from ms_cxr import models, parallel, train
+from ms_cxr import losses, models, parallel, train
 
 NUM_LABELS = 5
 
@@ -36,16 +36,19 @@ def _train(config, api, num_devices):
   )
   step = dp.compile(
     functools.partial(
-      train.train_step, label_weights=None, axis_name=parallel.AXIS, accum_steps={}
+      train.train_step,
+      classification_loss=losses.masked_bce_sum,
+      axis_name=parallel.AXIS,
+      accum_steps={},
     ),
     donate_state=True,
   )
-  losses = []
+  step_losses = []
   for batch in _batches():
     state, metrics = step(state, dp.shard_batch(batch))
-    losses.append(float(np.ravel(metrics['loss'])[0]))
+    step_losses.append(float(np.ravel(metrics['loss'])[0]))
   state = dp.unreplicate(state)
-  return jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}), losses
+  return jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}), step_losses
 
 
 def _max_diff(a, b):
@@ -92,8 +95,6 @@ def test_gradient_accumulation_sums_micro_batch_gradients(config):
   import jax.numpy as jnp
   import optax
 
-  from ms_cxr import losses
-
   batch = _batches(num=1)[0]
   dp = parallel.DataParallel.create('shard_map', 1)
   model = models.create_model(config.model, NUM_LABELS, (32,), axis_name=parallel.AXIS)
@@ -101,7 +102,10 @@ def test_gradient_accumulation_sums_micro_batch_gradients(config):
   state = train.create_train_state(config, model, train.create_optimizer(config.optim, schedule))
   step = dp.compile(
     functools.partial(
-      train.train_step, label_weights=None, axis_name=parallel.AXIS, accum_steps={32: 2}
+      train.train_step,
+      classification_loss=losses.masked_bce_sum,
+      axis_name=parallel.AXIS,
+      accum_steps={32: 2},
     )
   )
   result, _ = step(dp.replicate(state), dp.shard_batch(batch))

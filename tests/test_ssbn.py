@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from ms_cxr import fusion, models, parallel, train
+from ms_cxr import fusion, losses, models, parallel, train
 from ms_cxr.models import ssbn
 
 SIZES = (32, 48, 64)
@@ -67,7 +67,12 @@ def _one_step(config, batch):
   schedule = train.create_learning_rate_schedule(config.optim, 10)
   state = train.create_train_state(config, model, train.create_optimizer(config.optim, schedule))
   step = dp.compile(
-    functools.partial(train.train_step, label_weights=None, axis_name=parallel.AXIS, accum_steps={})
+    functools.partial(
+      train.train_step,
+      classification_loss=losses.masked_bce_sum,
+      axis_name=parallel.AXIS,
+      accum_steps={},
+    )
   )
   before = jax.device_get(state)
   # Two steps, so Adam's moments of the trained size are non-zero and would move untouched params if unmasked.

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from ms_cxr.models import densenet, ssbn
+from ms_cxr.models import densenet, msanet, ssbn
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -34,9 +34,10 @@ def create_model(
   Raises:
     ValueError: for an unknown model name or dtype.
   """
-  if model_config.name not in densenet.PRESETS:
+  presets = {**densenet.PRESETS, **msanet.PRESETS}
+  if model_config.name not in presets:
     raise ValueError(
-      f'config.model.name={model_config.name!r} is unknown; expected one of {sorted(densenet.PRESETS)}'
+      f'config.model.name={model_config.name!r} is unknown; expected one of {sorted(presets)}'
     )
   if model_config.dtype not in DTYPES:
     raise ValueError(f'config.model.dtype={model_config.dtype!r}; expected one of {sorted(DTYPES)}')
@@ -46,8 +47,8 @@ def create_model(
     norm = functools.partial(ssbn.SSBN, sizes=tuple(sizes))
   else:
     raise ValueError(f"config.model.norm={model_config.norm!r}; expected 'batchnorm' or 'ssbn'")
-  return densenet.DenseNet(
-    **densenet.PRESETS[model_config.name],
+  common = dict(
+    **presets[model_config.name],
     norm=norm,
     num_classes=num_labels,
     dtype=DTYPES[model_config.dtype],
@@ -56,3 +57,13 @@ def create_model(
     bn_epsilon=model_config.bn_epsilon,
     remat=model_config.remat,
   )
+  if model_config.name in msanet.PRESETS:
+    options = model_config.msanet
+    return msanet.MSANet(
+      **common,
+      scales=tuple(options.scales),
+      fusion=options.fusion,
+      attention_pooling=options.attention_pooling,
+      attention_gate=options.attention_gate,
+    )
+  return densenet.DenseNet(**common)
