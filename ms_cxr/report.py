@@ -40,7 +40,7 @@ Column = tuple[str, 'int | None', dict, 'float | None', dict, 'list | None']
 def columns_of(name: str, result: dict[str, Any]) -> list[Column]:
   """(title, params, per-label AUROC, mean, per-label CI, mean CI) per column: each size, then fused/single."""
   columns = []
-  for size, scores in result.get('per_size', {}).items():
+  for size, scores in sorted(result.get('per_size', {}).items(), key=lambda item: int(item[0])):
     columns.append(
       (
         f'{name} @{size}',
