@@ -21,6 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'synthetic'  # synthetic | nih | chexpert | vindr (see ms_cxr.data.datasets)
   data.root = ''  # dataset root as downloaded; unused for synthetic
+  # Output of `python -m ms_cxr.data.prepare` (ArrayRecord shards, pre-resized): read instead of the native files.
+  data.prepared_dir = ''
   data.labels = datasets.default_labels('synthetic')  # label names, in model-output order
   data.sizes = (224,)  # square input sides (px); several = multi-scale (see train.multiscale)
   data.seed = 0  # shuffle, augmentation, synthetic rendering and the patient-wise val split

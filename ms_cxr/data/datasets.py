@@ -51,6 +51,15 @@ def load_split(data_config: ml_collections.ConfigDict, split: str) -> list[Recor
   if split not in SPLITS:
     raise UserError(f'split {split!r} is unknown; expected one of {SPLITS}')
   dataset = data_config.dataset
+  if data_config.prepared_dir:
+    from ms_cxr.data import prepare
+
+    try:
+      return prepare.read_prepared(
+        data_config.prepared_dir, split, labels=tuple(data_config.labels)
+      )
+    except (ValueError, FileNotFoundError) as e:
+      raise UserError(str(e)) from None
   if dataset == 'synthetic':
     return _synthetic_split(data_config, split)
   if dataset == 'nih':

@@ -33,6 +33,11 @@ def load(ref: str, sizes: Sequence[int]) -> dict[int, np.ndarray]:
   """
   if ref.startswith('synthetic:'):
     return {size: synthetic.load(ref, size) for size in sizes}
+  if ref.startswith('arrayrecord:'):
+    from ms_cxr.data import prepare  # lazy: prepare imports this module, and tensorflow-datasets
+
+    pixels = prepare.load_prepared(ref)  # pre-resized to the prepared size
+    return {size: resize(pixels, size) for size in sizes}
   if ref.lower().endswith(('.dcm', '.dicom')):
     pixels = dicom.read_dicom(ref)  # raises ValueError naming the file
     return {size: resize(pixels, size) for size in sizes}
