@@ -22,7 +22,9 @@ from ms_cxr.data.records import label_matrix
 from ms_cxr.errors import UserError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', 'configs/densenet.py', 'Config whose data section is used.')
+config_flags.DEFINE_config_file(
+  'config', 'configs/densenet.py', 'Config whose data section is used.'
+)
 flags.DEFINE_string('dataset', None, 'synthetic | nih | chexpert (overrides config.data.dataset).')
 flags.DEFINE_string('root', None, 'Dataset folder (overrides config.data.root).')
 flags.DEFINE_bool('check_images', False, 'Also decode every image and count failures.')
