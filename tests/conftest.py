@@ -31,3 +31,28 @@ def compilation_cache(tmp_path_factory):
   jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def new_train_state(config, num_labels, sizes):
+  """A freshly initialised host train state for `config` (model built for the data-parallel axis)."""
+  from ms_cxr import models, parallel, train
+
+  model = models.create_model(config.model, num_labels, sizes, axis_name=parallel.AXIS)
+  schedule = train.create_learning_rate_schedule(config.optim, 10)
+  return train.create_train_state(config, model, train.create_optimizer(config.optim, schedule))
+
+
+def compiled_train_step(dp, *, donate_state=False, accum_steps=None, **step_kwargs):
+  """`train.train_step` with masked BCE, compiled for `dp`; extra keyword arguments go to the step."""
+  import functools
+
+  from ms_cxr import losses, parallel, train
+
+  step = functools.partial(
+    train.train_step,
+    classification_loss=losses.masked_bce_sum,
+    axis_name=parallel.AXIS,
+    accum_steps=accum_steps or {},
+    **step_kwargs,
+  )
+  return dp.compile(step, donate_state=donate_state)

@@ -365,17 +365,15 @@ def test_cross_scale_consistency():
 
 def test_msanet_trains_through_the_data_parallel_step_with_consistency():
   """The configured MS-ANet step on 2 devices: finite loss, consistency adds to it, classifiers still train."""
-  import functools
+  from conftest import compiled_train_step, new_train_state
 
   from configs import msanet as msanet_config
-  from ms_cxr import losses, models, parallel, train
+  from ms_cxr import parallel, train
 
   config = msanet_config.get_config('smoke')
   labels = len(config.data.labels)
   dp = parallel.DataParallel.create('shard_map', 2)
-  model = models.create_model(config.model, labels, config.data.sizes, axis_name=parallel.AXIS)
-  schedule = train.create_learning_rate_schedule(config.optim, 10)
-  state = train.create_train_state(config, model, train.create_optimizer(config.optim, schedule))
+  state = new_train_state(config, labels, config.data.sizes)
   rng = np.random.default_rng(0)
   batch = {
     'image_32': rng.integers(0, 256, (4, 32, 32, 1), dtype=np.uint8),
@@ -384,15 +382,7 @@ def test_msanet_trains_through_the_data_parallel_step_with_consistency():
   results = {}
   for weight in (0.0, 1.0):
     terms = train.AttentionTerms(scale_weight=0.5, consistency_weight=weight, transform='rescale')
-    step = dp.compile(
-      functools.partial(
-        train.train_step,
-        classification_loss=losses.masked_bce_sum,
-        axis_name=parallel.AXIS,
-        accum_steps={},
-        attention=terms,
-      )
-    )
+    step = compiled_train_step(dp, attention=terms)
     new_state, metrics = step(dp.replicate(state), dp.shard_batch(batch))
     results[weight] = (float(metrics['loss']), jax.device_get(new_state.params))
   assert np.isfinite(results[0.0][0]) and np.isfinite(results[1.0][0])

@@ -1,13 +1,12 @@
 """The per-device step under shard_map and pmap on 2 fake CPU devices equals one device on the whole
 batch."""
 
-import functools
-
 import jax
 import numpy as np
 import pytest
+from conftest import compiled_train_step, new_train_state
 
-from ms_cxr import losses, models, parallel, train
+from ms_cxr import losses, models, parallel
 
 NUM_LABELS = 5
 
@@ -29,20 +28,8 @@ def _batches(num=3, batch=8, size=32):
 
 def _train(config, api, num_devices):
   dp = parallel.DataParallel.create(api, num_devices)
-  model = models.create_model(config.model, NUM_LABELS, (32,), axis_name=parallel.AXIS)
-  schedule = train.create_learning_rate_schedule(config.optim, 10)
-  state = dp.replicate(
-    train.create_train_state(config, model, train.create_optimizer(config.optim, schedule))
-  )
-  step = dp.compile(
-    functools.partial(
-      train.train_step,
-      classification_loss=losses.masked_bce_sum,
-      axis_name=parallel.AXIS,
-      accum_steps={},
-    ),
-    donate_state=True,
-  )
+  state = dp.replicate(new_train_state(config, NUM_LABELS, (32,)))
+  step = compiled_train_step(dp, donate_state=True)
   step_losses = []
   for batch in _batches():
     state, metrics = step(state, dp.shard_batch(batch))
@@ -97,17 +84,8 @@ def test_gradient_accumulation_sums_micro_batch_gradients(config):
 
   batch = _batches(num=1)[0]
   dp = parallel.DataParallel.create('shard_map', 1)
-  model = models.create_model(config.model, NUM_LABELS, (32,), axis_name=parallel.AXIS)
-  schedule = train.create_learning_rate_schedule(config.optim, 10)
-  state = train.create_train_state(config, model, train.create_optimizer(config.optim, schedule))
-  step = dp.compile(
-    functools.partial(
-      train.train_step,
-      classification_loss=losses.masked_bce_sum,
-      axis_name=parallel.AXIS,
-      accum_steps={32: 2},
-    )
-  )
+  state = new_train_state(config, NUM_LABELS, (32,))
+  step = compiled_train_step(dp, accum_steps={32: 2})
   result, _ = step(dp.replicate(state), dp.shard_batch(batch))
 
   # Reference without scan or collectives: the same model applied to each half in turn.

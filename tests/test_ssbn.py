@@ -1,13 +1,12 @@
 """Size-specific BatchNorm: branches, parameter counts, and steps that leave other sizes untouched."""
 
-import functools
-
 import jax
 import numpy as np
 import optax
 import pytest
+from conftest import compiled_train_step, new_train_state
 
-from ms_cxr import fusion, losses, models, parallel, train
+from ms_cxr import fusion, models, parallel, train
 from ms_cxr.models import ssbn
 
 SIZES = (32, 48, 64)
@@ -63,17 +62,8 @@ def test_ssbn_rejects_a_size_it_has_no_branch_for(config):
 
 def _one_step(config, batch):
   dp = parallel.DataParallel.create('shard_map', 2)
-  model = models.create_model(config.model, NUM_LABELS, SIZES, axis_name=parallel.AXIS)
-  schedule = train.create_learning_rate_schedule(config.optim, 10)
-  state = train.create_train_state(config, model, train.create_optimizer(config.optim, schedule))
-  step = dp.compile(
-    functools.partial(
-      train.train_step,
-      classification_loss=losses.masked_bce_sum,
-      axis_name=parallel.AXIS,
-      accum_steps={},
-    )
-  )
+  state = new_train_state(config, NUM_LABELS, SIZES)
+  step = compiled_train_step(dp)
   before = jax.device_get(state)
   # Two steps, so Adam's moments of the trained size are non-zero and would move untouched params if unmasked.
   new = dp.replicate(state)
