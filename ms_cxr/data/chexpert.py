@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ms_cxr.data import bad_input
 from ms_cxr.data.labels import CHEXPERT_LABELS
 from ms_cxr.data.nih import carve_val_patients, open_csv
 from ms_cxr.data.records import Record
@@ -143,47 +144,50 @@ def read_csv(
 
     ids, images, patients, studies, record_views, values = [], [], [], [], [], []
     for n, row in enumerate(reader, 1):
-      if len(row) != num_fields:
-        raise ValueError(f'{path} row {n} (line {n + 1}): {len(row)} fields, expected {num_fields}')
-      kind = row[kind_col]
-      if kind == 'Frontal':
-        view = row[ap_pa_col] if row[ap_pa_col] in ('AP', 'PA') else ''
-      elif kind == 'Lateral':
-        view = 'LATERAL'
-      else:
-        raise ValueError(
-          f'{path} row {n}, column {_FRONTAL_LATERAL!r}: {kind!r} is not Frontal or Lateral'
-        )
-      if kind.lower() not in wanted_views:
-        continue
-      raw = raw_labels(row)
-      row_values = converted.get(raw)
-      if row_values is None:
-        row_values = [
-          _parse_value(path, n, name, text, table)
-          for name, text, table in zip(labels, raw, tables, strict=True)
-        ]
-        converted[raw] = row_values
-      image_path = row[path_col]
-      if smooth and None in row_values:
-        words = _hash_words(image_path)
-        row_values = [
-          lo + step * words[slot] if v is None else v
-          for v, slot in zip(row_values, hash_slots, strict=True)
-        ]
-      match = _STUDY.search(image_path)
-      if match is None:
-        raise ValueError(
-          f'{path} row {n}, column {_PATH!r}: {image_path!r} has no patientNNNNN/studyN/ part'
-        )
-      first, _, rest = image_path.partition('/')
-      relative = rest if first.startswith('CheXpert-v1.0') else image_path
-      ids.append(relative)
-      images.append(prefix + relative)
-      patients.append(match[1])
-      studies.append(f'{match[1]}/{match[2]}')
-      record_views.append(view)
-      values.append(row_values)
+      with bad_input.ROW:  # data.skip_bad: a bad row is skipped and counted
+        if len(row) != num_fields:
+          raise ValueError(
+            f'{path} row {n} (line {n + 1}): {len(row)} fields, expected {num_fields}'
+          )
+        kind = row[kind_col]
+        if kind == 'Frontal':
+          view = row[ap_pa_col] if row[ap_pa_col] in ('AP', 'PA') else ''
+        elif kind == 'Lateral':
+          view = 'LATERAL'
+        else:
+          raise ValueError(
+            f'{path} row {n}, column {_FRONTAL_LATERAL!r}: {kind!r} is not Frontal or Lateral'
+          )
+        if kind.lower() not in wanted_views:
+          continue
+        raw = raw_labels(row)
+        row_values = converted.get(raw)
+        if row_values is None:
+          row_values = [
+            _parse_value(path, n, name, text, table)
+            for name, text, table in zip(labels, raw, tables, strict=True)
+          ]
+          converted[raw] = row_values
+        image_path = row[path_col]
+        if smooth and None in row_values:
+          words = _hash_words(image_path)
+          row_values = [
+            lo + step * words[slot] if v is None else v
+            for v, slot in zip(row_values, hash_slots, strict=True)
+          ]
+        match = _STUDY.search(image_path)
+        if match is None:
+          raise ValueError(
+            f'{path} row {n}, column {_PATH!r}: {image_path!r} has no patientNNNNN/studyN/ part'
+          )
+        first, _, rest = image_path.partition('/')
+        relative = rest if first.startswith('CheXpert-v1.0') else image_path
+        ids.append(relative)
+        images.append(prefix + relative)
+        patients.append(match[1])
+        studies.append(f'{match[1]}/{match[2]}')
+        record_views.append(view)
+        values.append(row_values)
 
   matrix = np.array(values, np.float32).reshape(len(values), len(labels))
   return [
@@ -319,7 +323,10 @@ def _check_images(
       missing.append(record)
     else:
       kept.append(record)
-  if missing and not skip_missing:
+  if missing and bad_input.skipping():
+    for record in missing:
+      bad_input.skip(f'{csv_path}: image {record.image} is missing')
+  elif missing and not skip_missing:
     raise ValueError(
       f'{csv_path}: image {missing[0].image} is missing ({len(missing)} of {len(records)} images of the '
       'split are missing; skip_missing_images=True skips them)'

@@ -10,9 +10,10 @@ import dataclasses
 import functools
 
 import ml_collections
+from absl import logging
 
+from ms_cxr.data import bad_input, synthetic
 from ms_cxr.data import labels as labels_lib
-from ms_cxr.data import synthetic
 from ms_cxr.data.records import Record
 from ms_cxr.errors import UserError
 
@@ -35,12 +36,16 @@ def default_labels(dataset: str) -> tuple[str, ...]:
   raise UserError(f'config.data.dataset={dataset!r} is unknown; expected one of {DATASETS}')
 
 
-def load_split(data_config: ml_collections.ConfigDict, split: str) -> list[Record]:
+def load_split(
+  data_config: ml_collections.ConfigDict, split: str, skipped: list[str] | None = None
+) -> list[Record]:
   """Reads one split of the configured dataset.
 
   Args:
     data_config: the `data` section of the config.
     split: train | val | test.
+    skipped: with `data_config.skip_bad`, the messages of the rows (and missing images) skipped are appended here;
+      they are logged as a warning either way.
 
   Returns:
     The split's records, labels ordered as `data_config.labels`.
@@ -89,15 +94,35 @@ def load_split(data_config: ml_collections.ConfigDict, split: str) -> list[Recor
   if not data_config.root:
     raise UserError(f'config.data.root is empty; set it to the {dataset} dataset folder')
   try:
-    return reader(
-      data_config.root,
-      split=split,
-      val_fraction=data_config.val_fraction,
-      seed=data_config.seed,
-      labels=tuple(data_config.labels),
-    )
+    if not data_config.skip_bad:
+      return reader(
+        data_config.root,
+        split=split,
+        val_fraction=data_config.val_fraction,
+        seed=data_config.seed,
+        labels=tuple(data_config.labels),
+      )
+    with bad_input.collecting() as bad:
+      records = reader(
+        data_config.root,
+        split=split,
+        val_fraction=data_config.val_fraction,
+        seed=data_config.seed,
+        labels=tuple(data_config.labels),
+      )
   except (ValueError, FileNotFoundError) as e:
     raise UserError(str(e)) from None
+  if bad:
+    logging.warning(
+      'data.skip_bad: skipped %d bad row(s) or missing image(s) of %s %s, e.g. %s',
+      len(bad),
+      dataset,
+      split,
+      '; '.join(bad[:3]),
+    )
+  if skipped is not None:
+    skipped.extend(bad)
+  return records
 
 
 def _synthetic_split(data_config: ml_collections.ConfigDict, split: str) -> list[Record]:

@@ -30,6 +30,7 @@ from typing import TextIO
 
 import numpy as np
 
+from ms_cxr.data import bad_input
 from ms_cxr.data.labels import NIH_LABELS
 from ms_cxr.data.records import Box, Record
 
@@ -187,18 +188,17 @@ def read_data_entry(path: str | os.PathLike) -> list[DataEntryRow]:
   with open_csv(path) as f:
     lines = _checked_rows(path, f, _DATA_ENTRY_COLUMNS)
     for n, (name, labels, follow_up, patient, age, gender, view, w, h, sx, sy) in lines:
-      findings = findings_cache.get(labels)
-      if findings is None:
-        findings = _parse_findings(path, n, labels, known)
-        findings_cache[labels] = findings
-      if name in first_row:
-        raise ValueError(
-          f'{path} row {n}: image {name!r} is listed again (first on row {first_row[name]})'
-        )
-      first_row[name] = n
-      try:
-        rows.append(
-          DataEntryRow(
+      with bad_input.ROW:  # data.skip_bad: a bad row is skipped and counted
+        findings = findings_cache.get(labels)
+        if findings is None:
+          findings = _parse_findings(path, n, labels, known)
+          findings_cache[labels] = findings
+        if name in first_row:
+          raise ValueError(
+            f'{path} row {n}: image {name!r} is listed again (first on row {first_row[name]})'
+          )
+        try:
+          row = DataEntryRow(
             n,
             name,
             findings,
@@ -212,9 +212,10 @@ def read_data_entry(path: str | os.PathLike) -> list[DataEntryRow]:
             float(sx),
             float(sy),
           )
-        )
-      except ValueError as e:
-        raise ValueError(f'{path} row {n}: {e}') from None
+        except ValueError as e:
+          raise ValueError(f'{path} row {n}: {e}') from None
+        first_row[name] = n
+        rows.append(row)
   return rows
 
 
@@ -237,20 +238,21 @@ def read_boxes(path: str | os.PathLike) -> dict[str, tuple[Box, ...]]:
   boxes: dict[str, list[Box]] = {}
   with open_csv(path) as f:
     for n, (name, label, x, y, w, h) in _checked_rows(path, f, _BOX_COLUMNS):
-      label = _BOX_LABEL_ALIASES.get(label, label)
-      if label not in known:
-        raise ValueError(f"{path} row {n}: 'Finding Label' has unknown label {label!r}")
-      try:
-        x, y, w, h = (float(v) / BOX_IMAGE_SIZE for v in (x, y, w, h))
-      except ValueError as e:
-        raise ValueError(f'{path} row {n}: {e}') from None
-      x0, y0 = max(x, 0.0), max(y, 0.0)
-      x1, y1 = min(x + w, 1.0), min(y + h, 1.0)
-      if not (x0 < x1 and y0 < y1):
-        raise ValueError(
-          f'{path} row {n}: box ({x}, {y}, {w}, {h}) x 1024 px is empty inside the image'
-        )
-      boxes.setdefault(name, []).append(Box(label, x0, y0, x1, y1))
+      with bad_input.ROW:
+        label = _BOX_LABEL_ALIASES.get(label, label)
+        if label not in known:
+          raise ValueError(f"{path} row {n}: 'Finding Label' has unknown label {label!r}")
+        try:
+          x, y, w, h = (float(v) / BOX_IMAGE_SIZE for v in (x, y, w, h))
+        except ValueError as e:
+          raise ValueError(f'{path} row {n}: {e}') from None
+        x0, y0 = max(x, 0.0), max(y, 0.0)
+        x1, y1 = min(x + w, 1.0), min(y + h, 1.0)
+        if not (x0 < x1 and y0 < y1):
+          raise ValueError(
+            f'{path} row {n}: box ({x}, {y}, {w}, {h}) x 1024 px is empty inside the image'
+          )
+        boxes.setdefault(name, []).append(Box(label, x0, y0, x1, y1))
   return {name: tuple(b) for name, b in boxes.items()}
 
 
@@ -378,7 +380,10 @@ def _checked_rows(
   for n, row in enumerate(reader, 1):
     if len(row) not in allowed:
       expected = ' or '.join(str(k) for k in sorted(allowed))
-      raise ValueError(f'{path} row {n} (line {n + 1}): {len(row)} fields, expected {expected}')
+      message = f'{path} row {n} (line {n + 1}): {len(row)} fields, expected {expected}'
+      if bad_input.skip(message):
+        continue
+      raise ValueError(message)
     yield n, fields(row)
 
 
@@ -449,7 +454,13 @@ def _image_paths(
           found[entry.name] = entry.path
   paths = [found.get(row.image_index) for row in rows]
   missing = [row for row, path in zip(rows, paths, strict=True) if path is None]
-  if missing and not skip_missing:
+  if missing and (skip_missing or bad_input.skipping()):
+    for row in missing:
+      bad_input.skip(
+        f'{entry_path} row {row.row}: image {row.image_index!r} is not in the image folders'
+      )
+    return paths
+  if missing:
     first = missing[0]
     raise ValueError(
       f'{entry_path} row {first.row}: image {first.image_index!r} is not in {folders} '

@@ -11,8 +11,13 @@ Evaluation: the split in order, at every configured size, padded to whole global
 `valid=False` and are dropped before scoring.
 
 A batch is a dict of numpy arrays: `image_<size>` uint8 [L, size, size, 1] for each size of the step, `labels`
-float32 [L, K] (NaN = unknown), `index` int32 [L] (position in the split's record list, -1 for padding) and
-`valid` bool [L].
+float32 [L, K] (NaN = unknown), `index` int32 [L] (position in the split's record list, -1 for padding), `valid`
+bool [L] and `skipped` int32 [L], the number of images that failed to decode for that row (always 0 unless
+`data.skip_bad`; the step does not take it).
+
+Bad images: an image that fails to decode raises an error naming the file. With `data.skip_bad`, a training row
+takes the next readable record of the split instead (deterministically, so resuming replays the same data), and
+an evaluation row is marked not valid, so it is left out of the scores.
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ from collections.abc import Sequence
 import grain
 import ml_collections
 import numpy as np
+from absl import logging
 
 from ms_cxr.data import images
 from ms_cxr.data.records import Record
+from ms_cxr.errors import UserError
 
 Batch = dict[str, np.ndarray]
 MULTISCALE_MODES = ('round_robin', 'random', 'all')
+# data.skip_bad: how many following records a training row tries before giving up on a run of unreadable images.
+MAX_SUBSTITUTES = 64
 
 
 def image_key(size_px: int) -> str:
@@ -65,6 +74,15 @@ def step_sizes(
   raise ValueError(f'config.train.multiscale={mode!r}; expected one of {MULTISCALE_MODES}')
 
 
+_WARNED: set[str] = set()  # images already reported by this process (each epoch meets them again)
+
+
+def _warn_once(image: str, message: str) -> None:
+  if image not in _WARNED:
+    _WARNED.add(image)
+    logging.warning('data.skip_bad: %s', message)
+
+
 @dataclasses.dataclass(frozen=True)
 class _LoadTrainBatch:
   """Decodes, resizes and augments one local batch (picklable, so Grain worker processes can run it)."""
@@ -77,25 +95,46 @@ class _LoadTrainBatch:
   seed: int
   global_batch_size: int
   process_index: int
+  skip_bad: bool = False
+
+  def _load(self, index: int, sizes: tuple[int, ...]) -> tuple[int, dict[int, np.ndarray], int]:
+    """(the record used, its pixels per size, how many unreadable records were passed over)."""
+    try:
+      return index, images.load(self.records[index].image, sizes), 0
+    except ValueError as e:
+      if not self.skip_bad:
+        raise UserError(f'{e}; data.skip_bad=True skips unreadable images') from None
+      _warn_once(self.records[index].image, f'skipping training image: {e}')
+    for k in range(1, MAX_SUBSTITUTES + 1):
+      substitute = (index + k) % len(self.records)
+      try:
+        return substitute, images.load(self.records[substitute].image, sizes), k
+      except ValueError as e:
+        _warn_once(self.records[substitute].image, f'skipping training image: {e}')
+    raise UserError(
+      f'data.skip_bad: {self.records[index].image} and the {MAX_SUBSTITUTES} records after it are all '
+      'unreadable; check the image folder'
+    )
 
   def __call__(self, step: int, indices: np.ndarray) -> Batch:
     sizes = step_sizes(step, self.sizes, self.multiscale, self.size_probs, self.seed)
     local = len(indices)
     batch = {image_key(s): np.empty((local, s, s, 1), np.uint8) for s in sizes}
+    used = np.empty(local, np.int32)
+    skipped = np.zeros(local, np.int32)
     first = step * self.global_batch_size + self.process_index * local
     for row, index in enumerate(indices):
-      record = self.records[int(index)]
-      for size, pixels in images.load(record.image, sizes).items():
+      used[row], pixels_by_size, skipped[row] = self._load(int(index), sizes)
+      for size, pixels in pixels_by_size.items():
         if self.augment.enabled:
           # Same generator at every size: the sizes of one example see the same transformed view.
           rng = np.random.default_rng([self.seed, first + row])
           pixels = images.augment(pixels, rng, self.augment)
         batch[image_key(size)][row, :, :, 0] = pixels
-    batch['labels'] = np.stack(
-      [np.asarray(self.records[int(i)].labels, np.float32) for i in indices]
-    )
-    batch['index'] = np.asarray(indices, np.int32)
+    batch['labels'] = np.stack([np.asarray(self.records[i].labels, np.float32) for i in used])
+    batch['index'] = used
     batch['valid'] = np.ones(local, np.bool_)
+    batch['skipped'] = skipped
     return batch
 
 
@@ -105,16 +144,25 @@ class _LoadEvalExample:
 
   records: Sequence[Record]
   sizes: tuple[int, ...]
+  skip_bad: bool = False
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     valid = index >= 0
     record = self.records[index if valid else 0]
-    example = {
-      image_key(s): p[:, :, None] for s, p in images.load(record.image, self.sizes).items()
-    }
+    skipped = 0
+    try:
+      pixels = images.load(record.image, self.sizes)
+    except ValueError as e:
+      if not self.skip_bad:
+        raise UserError(f'{e}; data.skip_bad=True leaves unreadable images out') from None
+      _warn_once(record.image, f'leaving out evaluation image: {e}')
+      pixels = {s: np.zeros((s, s), np.uint8) for s in self.sizes}
+      valid, skipped = False, int(valid)
+    example = {image_key(s): p[:, :, None] for s, p in pixels.items()}
     example['labels'] = np.asarray(record.labels, np.float32)
     example['index'] = np.int32(index)
     example['valid'] = np.bool_(valid)
+    example['skipped'] = np.int32(skipped)
     return example
 
 
@@ -171,6 +219,7 @@ def train_dataset(
     seed=config.data.seed,
     global_batch_size=config.train.global_batch_size,
     process_index=process_index,
+    skip_bad=config.data.skip_bad,
   )
   order = grain.MapDataset.range(len(records)).seed(config.data.seed).shuffle().repeat()
   # Consecutive local batches k*P .. k*P+P-1 make up global batch k; this process keeps batch k*P+p, and
@@ -193,7 +242,7 @@ def eval_dataset(
   indices = np.full(padded, -1, np.int64)
   indices[: len(records)] = np.arange(len(records))
   ds = grain.MapDataset.source(indices).map(
-    _LoadEvalExample(tuple(records), tuple(config.data.sizes))
+    _LoadEvalExample(tuple(records), tuple(config.data.sizes), config.data.skip_bad)
   )
   ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
   return _prefetch(ds.to_iter_dataset(), config.data.num_workers, config.data.prefetch_batches)

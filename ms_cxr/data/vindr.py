@@ -49,7 +49,7 @@ from typing import TextIO
 
 import numpy as np
 
-from ms_cxr.data import dicom
+from ms_cxr.data import bad_input, dicom
 from ms_cxr.data.labels import CHEXPERT_LABELS, NIH_LABELS
 from ms_cxr.data.nih import carve_val_patients, open_csv
 from ms_cxr.data.records import Box, Record
@@ -325,19 +325,22 @@ def read_annotations(
     known = frozenset(known)
     out = []
     for n, row in rows:
-      name = row[class_col].strip()
-      if name not in known:
-        raise ValueError(
-          f'{path} row {n}: class_name {name!r} is unknown; expected one of {sorted(known)}'
-        )
-      if class_id_col is not None and row[class_id_col].strip() != str(VINDR_FINDINGS.index(name)):
-        raise ValueError(
-          f'{path} row {n}: class_id {row[class_id_col]!r} does not match class_name {name!r} '
-          f'(expected {VINDR_FINDINGS.index(name)})'
-        )
-      box = _parse_box(path, n, name, [row[c] for c in coordinate_cols])
-      rad = row[rad_col].strip() if rad_col is not None else ''
-      out.append(Annotation(n, row[image_col].strip(), rad, name, box))
+      with bad_input.ROW:  # data.skip_bad: a bad row is skipped and counted
+        name = row[class_col].strip()
+        if name not in known:
+          raise ValueError(
+            f'{path} row {n}: class_name {name!r} is unknown; expected one of {sorted(known)}'
+          )
+        if class_id_col is not None and row[class_id_col].strip() != str(
+          VINDR_FINDINGS.index(name)
+        ):
+          raise ValueError(
+            f'{path} row {n}: class_id {row[class_id_col]!r} does not match class_name {name!r} '
+            f'(expected {VINDR_FINDINGS.index(name)})'
+          )
+        box = _parse_box(path, n, name, [row[c] for c in coordinate_cols])
+        rad = row[rad_col].strip() if rad_col is not None else ''
+        out.append(Annotation(n, row[image_col].strip(), rad, name, box))
   return out
 
 
@@ -367,22 +370,23 @@ def read_image_labels(path: str | os.PathLike) -> Readings:
     first: dict[str, int] = {}
     seen: dict[tuple[str, str], int] = {}
     for n, row in rows:
-      image = row[image_col].strip()
-      rad = row[rad_col].strip() if rad_col is not None else ''
-      if (image, rad) in seen:
-        raise ValueError(
-          f'{path} row {n}: image {image!r} reader {rad!r} is listed again (first on row '
-          f'{seen[image, rad]})'
-        )
-      seen[image, rad] = n
-      values = []
-      for j, name in zip(label_cols, names, strict=True):
-        value = _LABEL_VALUES.get(row[j].strip())
-        if value is None:
-          raise ValueError(f'{path} row {n}, column {name!r}: {row[j]!r} is not 0 or 1')
-        values.append(value)
-      first.setdefault(image, n)
-      images.setdefault(image, []).append(np.asarray(values, np.float32))
+      with bad_input.ROW:  # data.skip_bad: a bad row is skipped and counted
+        image = row[image_col].strip()
+        rad = row[rad_col].strip() if rad_col is not None else ''
+        if (image, rad) in seen:
+          raise ValueError(
+            f'{path} row {n}: image {image!r} reader {rad!r} is listed again (first on row '
+            f'{seen[image, rad]})'
+          )
+        values = []
+        for j, name in zip(label_cols, names, strict=True):
+          value = _LABEL_VALUES.get(row[j].strip())
+          if value is None:
+            raise ValueError(f'{path} row {n}, column {name!r}: {row[j]!r} is not 0 or 1')
+          values.append(value)
+        seen[image, rad] = n
+        first.setdefault(image, n)
+        images.setdefault(image, []).append(np.asarray(values, np.float32))
   return Readings(str(path), names, {k: np.stack(v) for k, v in images.items()}, first)
 
 
@@ -570,7 +574,11 @@ def _image_paths(
   with os.scandir(directory) as entries:
     present = {e.name for e in entries if e.name.endswith(IMAGE_SUFFIX) and e.is_file()}
   missing = [i for i in image_ids if i + IMAGE_SUFFIX not in present]
-  if missing and not skip_missing:
+  for i in missing if bad_input.skipping() else ():
+    bad_input.skip(
+      f'{readings.path} row {readings.rows[i]}: image {i + IMAGE_SUFFIX!r} is not in {directory}'
+    )
+  if missing and not skip_missing and not bad_input.skipping():
     raise ValueError(
       f'{readings.path} row {readings.rows[missing[0]]}: image {missing[0] + IMAGE_SUFFIX!r} is not in '
       f'{directory} ({len(missing)} of {len(image_ids)} images of the split are missing; '
@@ -654,9 +662,10 @@ def _rows(path: str | os.PathLike, f: TextIO) -> tuple[Iterator[tuple[int, list[
   def rows() -> Iterator[tuple[int, list[str]]]:
     for n, row in enumerate(reader, 1):
       if len(row) != len(header):
-        raise ValueError(
-          f'{path} row {n} (line {n + 1}): {len(row)} fields, expected {len(header)}'
-        )
+        message = f'{path} row {n} (line {n + 1}): {len(row)} fields, expected {len(header)}'
+        if bad_input.skip(message):
+          continue
+        raise ValueError(message)
       yield n, row
 
   return rows(), header
