@@ -4,7 +4,11 @@ r"""Command-line entry point.
     [--config.SECTION.FIELD=VALUE ...] --mode=train|evaluate|train_and_evaluate|summary
 
 Problems a user can fix (bad config, missing checkpoint, unreadable input) end with one line on stderr and exit
-status 2; a non-finite loss exits with status 3 after keeping the last good checkpoint.
+status 2; a non-finite loss exits with status 3 after keeping the last good checkpoint; SIGTERM (preemption) stops
+training after the current step, saves a checkpoint and exits with status 4 (running the same command resumes).
+
+Multi-process runs (SLURM, Cloud TPU pods, Kubernetes, `launch/local.sh --num_processes=N`) start
+`jax.distributed` here, before anything touches a device; see ms_cxr/distributed.py and launch/.
 """
 
 import re
@@ -14,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ms_cxr import evaluate, models, train
+from ms_cxr import distributed, evaluate, models, train
 from ms_cxr.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -40,6 +44,8 @@ flags.mark_flags_as_required(['config'])
 
 EXIT_USER_ERROR = 2
 EXIT_NON_FINITE = 3
+# Stopped by SIGTERM after saving a checkpoint: a scheduler can requeue the same command, which resumes.
+EXIT_PREEMPTED = 4
 
 
 def summary(config) -> None:
@@ -101,13 +107,21 @@ def run(argv) -> None:
     config.data  # noqa: B018 -- a config file that failed to load raises here, not at parse time
   except OSError as e:
     raise UserError(' '.join(str(e).split())) from None
+  distributed.configure_compilation_cache(config.parallel.compilation_cache_dir)
   if FLAGS.mode == 'summary':
     summary(config)
     return
   if not FLAGS.workdir:
     raise UserError('--workdir is required for --mode=' + FLAGS.mode)
+  # Before the first device query below: jax.distributed must start before the backends do.
+  distributed.initialize(config.parallel)
   logging.info(
-    'JAX %s on %d %s device(s)', jax.__version__, jax.device_count(), jax.default_backend()
+    'JAX %s on %d %s device(s), process %d of %d',
+    jax.__version__,
+    jax.device_count(),
+    jax.default_backend(),
+    jax.process_index(),
+    jax.process_count(),
   )
   if FLAGS.mode in ('train', 'train_and_evaluate'):
     train.train_and_evaluate(config, FLAGS.workdir)
@@ -149,6 +163,9 @@ def main(argv) -> None:
   except train.NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(EXIT_NON_FINITE)
+  except train.Preempted as e:
+    print(f'preempted: {e}', file=sys.stderr)
+    sys.exit(EXIT_PREEMPTED)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
