@@ -15,6 +15,7 @@ setuptools.setup(
     'flax>=0.10',
     'grain>=0.2.12',
     'jax>=0.7',
+    'matplotlib>=3.7',
     'ml_collections>=1.0',
     'numpy>=1.26',
     'optax>=0.2.4',

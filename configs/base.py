@@ -29,6 +29,11 @@ def get_config() -> ml_collections.ConfigDict:
   data.val_fraction = 0.1  # real datasets: share of training patients held out for validation
   data.num_workers = 0  # Grain worker processes (0 = decode in the main process)
   data.prefetch_batches = 2  # batches prepared ahead of the step
+  # Bad input (an unparseable label row, an unknown label name, a missing, truncated or corrupt image) stops the run
+  # with an error naming the file and row. True: skip and count instead -- bad rows are dropped when the split is
+  # read; a training image that fails to decode is replaced by the next readable one of the split, an evaluation
+  # image is left out of the scores. Counts are logged, written to TensorBoard (data/skipped_*) and metrics.json.
+  data.skip_bad = False
   data.synthetic = ml_collections.ConfigDict(
     {f'num_{split}': n for split, n in SYNTHETIC_SPLITS.items()}
   )
@@ -129,10 +134,31 @@ def get_config() -> ml_collections.ConfigDict:
   # Multi-scale models: how per-size predictions are fused -- mean_prob | mean_logit | max | best_on_val (per
   # label, the size with the best validation AUROC). Each size alone is reported too.
   ev.fusion = 'mean_prob'
+  # Test-time augmentation: logits averaged over the image and these views (hflip | zoom | shift, see
+  # ms_cxr.train.tta_view); () = none. Used by --mode=evaluate, not by validation during training.
+  ev.tta = ()
   ev.ensemble_workdirs = ''  # comma-separated workdirs: evaluate the mean of their predictions
   ev.bootstrap_resamples = 1000  # 95% AUROC intervals by resampling patients; 0 = none
   ev.bootstrap_seed = 0
   ev.max_images = 0  # 0 = the whole split (a positive number evaluates a prefix, for quick checks)
+  # Also predict the validation split, fix each label's Youden threshold there and report sensitivity/specificity
+  # at it on the evaluated split (operating_points_val_threshold).
+  ev.val_thresholds = True
+  ev.plots = True  # roc.png, pr.png (a panel per label) and reliability.png
+  # Attention maps (MS-ANet: fused multi-scale map; DenseNet: class activation map), at map_size (0 = the largest
+  # configured size). Overlays: heatmaps/<id>__<label>.png for heatmap_ids (comma-separated ids as in
+  # predictions.csv) or else the first heatmap_images images, boxed ones first. All maps computed go to
+  # attention_maps.npz.
+  ev.map_size = 0
+  ev.heatmap_images = 4
+  ev.heatmap_ids = ''
+  # Pointing game and IoU of the maps against the split's boxes (ChestX-ray14 BBox_List, VinDr, synthetic), per
+  # label, in metrics.json `localization` and localization.md; at most localization_max_images boxed images (0 =
+  # all), maps upsampled to localization_grid px and thresholded at iou_threshold of their range for IoU.
+  ev.localization = True
+  ev.localization_max_images = 0
+  ev.localization_grid = 224
+  ev.iou_threshold = 0.5
 
   # --- checkpoints --------------------------------------------------------------------------------
   config.ckpt = ckpt = ml_collections.ConfigDict()
@@ -144,6 +170,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.parallel = par = ml_collections.ConfigDict()
   par.api = 'shard_map'  # shard_map (jit over a 1-D mesh) | pmap; both run the same per-device step
   par.num_devices = 0  # 0 = all local devices
+  # Multi-process (multi-host) runs, started before anything touches a device (ms_cxr/distributed.py). SLURM srun
+  # with several tasks, Cloud TPU pod env vars and Kubernetes Indexed Jobs are detected; multihost=True forces
+  # jax.distributed.initialize() (JAX then auto-detects what is not set below, e.g. on Cloud TPU VMs).
+  par.multihost = False
+  par.coordinator_address = ''  # host:port of process 0 ('' = JAX_COORDINATOR_ADDRESS or auto)
+  par.num_processes = -1  # -1 = JAX_NUM_PROCESSES or auto-detect
+  par.process_id = -1  # -1 = JAX_PROCESS_ID (Kubernetes: JOB_COMPLETION_INDEX) or auto-detect
+  # Multi-process runs stop on SIGTERM at a step all processes agree on, checked every this many steps (a tiny
+  # all-gather; single-process runs check every step for free).
+  par.preemption_check_every_steps = 1
+  # Persistent compilation cache ('' = off). On a cluster point it at a shared filesystem (e.g.
+  # <runs>/jax_cache): requeued jobs and sweep members with the same shapes then skip compilation.
+  par.compilation_cache_dir = ''
 
   return config
 

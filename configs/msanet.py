@@ -14,7 +14,9 @@ official split (reported mean AUROC 0.850; 0.815 on CheXpert). Reconstructed, ea
     rescale (`train.consistency_weight`, `train.consistency_transform`);
   * optimiser Adam 1e-4, batch 32, 224 px, as the DenseNet baselines.
 
-Arguments: `dataset=synthetic|nih|chexpert` (default synthetic), `size=224`, `consistency=1.0`, `smoke`.
+Arguments: `dataset=synthetic|nih|chexpert` (default synthetic), `size=224`, `consistency=1.0`, `smoke`, and `cpu`:
+the README's CPU experiment (msanet_small at 128 px, the DenseNet CPU experiment's budget: 240 steps of 16 images;
+see launch/msanet_cpu_experiment.sh, which trains it with and without the consistency loss).
 
   python -m ms_cxr.main --config=configs/msanet.py:dataset=nih --config.data.root=/data/ChestX-ray14 \
     --workdir=runs/msanet_nih --mode=train_and_evaluate
@@ -26,7 +28,9 @@ from ms_cxr.data import datasets
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, dataset='synthetic', size=224, consistency=1.0, smoke=False)
+  args = config_lib.parse_arg(
+    arg, dataset='synthetic', size=224, consistency=1.0, smoke=False, cpu=False
+  )
   config = base.get_config()
   config.data.dataset = args.dataset
   config.data.labels = datasets.default_labels(args.dataset)
@@ -36,6 +40,11 @@ def get_config(arg=None):
   config.train.scale_loss_weight = 0.5
   config.train.consistency_weight = args.consistency
   config.train.consistency_transform = 'rescale'
+  if args.cpu:
+    base.apply_cpu_experiment(config)
+    config.model.name = 'msanet_small'
+    config.data.sizes = (128,)
+    config.eval.heatmap_images = 8
   if args.smoke:
     config = base.apply_smoke(config)
   return config

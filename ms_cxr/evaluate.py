@@ -14,17 +14,32 @@ Both are written through temporary files, so an interrupted evaluation never lea
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import io
 import json
 import os
-from typing import Any
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
 
-from ms_cxr import checkpointing, fusion, metrics, models, parallel, report, train
-from ms_cxr.data import datasets
+from ms_cxr import (
+  checkpointing,
+  fusion,
+  localization,
+  metrics,
+  models,
+  parallel,
+  plots,
+  report,
+  train,
+)
+from ms_cxr.data import datasets, images
 from ms_cxr.data.records import label_matrix
 from ms_cxr.errors import UserError
 
@@ -39,10 +54,29 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f'{path} not found: is {workdir!r} a training workdir?') from None
   except json.JSONDecodeError as e:
     raise UserError(f'{path}: not valid JSON ({e})') from None
-  config = ml_collections.ConfigDict(values)
+  config = _with_defaults(values)
   config.data.sizes = tuple(config.data.sizes)
   config.data.labels = tuple(config.data.labels)
   return config
+
+
+def _with_defaults(values: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A workdir's config, with fields added since it was written taken from configs/base.py when importable."""
+  try:
+    from configs import base  # the repository's configs/ (on sys.path when run from the checkout)
+  except ImportError:
+    return ml_collections.ConfigDict(values)
+  merged = base.get_config().to_dict()
+
+  def merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+      if isinstance(value, dict) and isinstance(into.get(key), dict):
+        merge(into[key], value)
+      else:
+        into[key] = value
+
+  merge(merged, values)
+  return ml_collections.ConfigDict(merged)
 
 
 def _restore(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataParallel):
@@ -71,14 +105,40 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataP
   return state, int(step)
 
 
-def _predict_run(config, workdir, records, val_records, dp):
-  """One run's logits per size on `records` (and on `val_records` when best_on_val needs them)."""
+@dataclasses.dataclass
+class _Run:
+  """One run's predictions: logits per size (NaN rows: unreadable images), masks, and what produced them."""
+
+  logits: dict[int, np.ndarray]
+  predicted: np.ndarray
+  val_logits: dict[int, np.ndarray] | None
+  val_predicted: np.ndarray | None
+  step: int
+  num_params: int
+  variables: dict[str, Any]  # host copy of params and batch_stats, for attention maps
+
+
+def _predict_run(config, workdir, records, val_records, dp) -> _Run:
+  """One run's logits per size on `records` (and on `val_records` when given)."""
   state, step = _restore(config, workdir, dp)
-  p_eval_step = dp.compile(train.eval_step, sharded_output=True)
+  variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+  p_eval_step = dp.compile(
+    functools.partial(train.eval_step, tta=train.tta_views(config)), sharded_output=True
+  )
   state = dp.replicate(state)
-  logits = train.predict(p_eval_step, state, records, config, dp)
-  val_logits = train.predict(p_eval_step, state, val_records, config, dp) if val_records else None
-  return logits, val_logits, step, train.count_params(state.params)
+  logits, predicted = train.predict(p_eval_step, state, records, config, dp)
+  val_logits = val_predicted = None
+  if val_records:
+    val_logits, val_predicted = train.predict(p_eval_step, state, val_records, config, dp)
+  return _Run(
+    logits,
+    predicted,
+    val_logits,
+    val_predicted,
+    step,
+    train.count_params(variables['params']),
+    variables,
+  )
 
 
 def _score(probs: np.ndarray, targets: np.ndarray, labels: tuple[str, ...]) -> dict[str, Any]:
@@ -141,34 +201,52 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   dp = parallel.DataParallel.create(config.parallel.api, config.parallel.num_devices)
   train.validate_config(config, dp)
   labels = tuple(config.data.labels)
-  records = datasets.load_split(config.data, config.eval.split)
+  skipped_rows: list[str] = []
+  records = datasets.load_split(config.data, config.eval.split, skipped_rows)
   if config.eval.max_images:
     records = records[: config.eval.max_images]
   if not records:
     raise UserError(f'split {config.eval.split!r} of {config.data.dataset} has no images')
-  targets = label_matrix(records, len(labels))
 
-  members = [m for m in config.eval.ensemble_workdirs.split(',') if m.strip()]
+  members = [m.strip() for m in config.eval.ensemble_workdirs.split(',') if m.strip()]
+  run = val_probs = None
   if members:
-    result, probs = _evaluate_ensemble(config, [m.strip() for m in members], records, targets, dp)
+    result, probs, predicted = _evaluate_ensemble(config, members, records, dp)
+    records, probs = _drop_unread(records, probs, predicted, result)
+    targets = label_matrix(records, len(labels))
   else:
-    needs_val = len(config.data.sizes) > 1 and config.eval.fusion == 'best_on_val'
-    val_records = datasets.load_split(config.data, config.eval.val_split) if needs_val else []
-    logits, val_logits, step, num_params = _predict_run(config, workdir, records, val_records, dp)
-    result = {'checkpoint_step': step, 'num_params': num_params}
-    if len(logits) > 1:
-      best = None
-      if needs_val:
-        val_targets = label_matrix(val_records, len(labels))
+    best_on_val = len(config.data.sizes) > 1 and config.eval.fusion == 'best_on_val'
+    val_records = []
+    if best_on_val or config.eval.val_thresholds:
+      val_records = datasets.load_split(config.data, config.eval.val_split)
+    run = _predict_run(config, workdir, records, val_records, dp)
+    result = {'checkpoint_step': run.step, 'num_params': run.num_params}
+    records, logits = _drop_unread(records, run.logits, run.predicted, result)
+    targets = label_matrix(records, len(labels))
+    best = None
+    if val_records:
+      val_kept = [r for r, ok in zip(val_records, run.val_predicted, strict=True) if ok]
+      val_targets = label_matrix(val_kept, len(labels))
+      val_logits = {s: v[run.val_predicted] for s, v in run.val_logits.items()}
+      if best_on_val:
         best = fusion.best_size_per_label(val_logits, val_targets, labels)
         result['best_size_per_label'] = dict(zip(labels, best, strict=True))
+    if len(logits) > 1:
       result['fusion'] = config.eval.fusion
       result['per_size'] = {
         str(s): _score(fusion.sigmoid(logits[s]), targets, labels) for s in sorted(logits)
       }
       probs = fusion.fuse(logits, config.eval.fusion, best)
+      if val_records and config.eval.val_thresholds:
+        val_probs = fusion.fuse(val_logits, config.eval.fusion, best)
     else:
       probs = fusion.sigmoid(next(iter(logits.values())))
+      if val_records and config.eval.val_thresholds:
+        val_probs = fusion.sigmoid(next(iter(val_logits.values())))
+  if config.data.skip_bad:
+    result['skipped_rows'] = len(skipped_rows)
+  if train.tta_views(config):
+    result['tta'] = ['identity', *train.tta_views(config)]
   result.update(
     num_images=len(records),
     labels=list(labels),
@@ -177,19 +255,186 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     sizes=list(config.data.sizes),
     **_full_score(probs, targets, labels, [r.patient_id for r in records], config.eval),
   )
+  if val_probs is not None:
+    # Thresholds chosen on validation (Youden there) and applied here: the unbiased operating points.
+    val_points = metrics.operating_points(val_probs, val_targets, labels)
+    result['operating_points_val_threshold'] = metrics.operating_points(
+      probs, targets, labels, thresholds={k: v['threshold'] for k, v in val_points.items() if v}
+    )
+  if config.data.dataset == 'vindr' and config.data.vindr.label_space != 'vindr':
+    result['label_mapping'] = _vindr_mapping(config.data.vindr.label_space, labels)
+
+  out_dir = os.path.join(workdir, 'eval', config.eval.name or config.eval.split)
+  maps = None
+  if run is not None and (config.eval.heatmap_images or config.eval.localization):
+    maps = _attention_outputs(config, run, records, probs, result)
   if jax.process_index() == 0:
-    out_dir = os.path.join(workdir, 'eval', config.eval.name or config.eval.split)
-    try:
-      os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-      raise UserError(f'cannot write the report to {out_dir!r}: {e.strerror}') from None
-    ids = [r.id for r in records]
-    write_predictions(os.path.join(out_dir, 'predictions.csv'), ids, probs, targets, labels)
-    train.write_json_atomic(os.path.join(out_dir, 'metrics.json'), result)
-    name = os.path.basename(os.path.normpath(workdir))
-    write_text_atomic(os.path.join(out_dir, 'table.md'), report.table([(name, result)], 'md'))
-    write_text_atomic(os.path.join(out_dir, 'table.csv'), report.table([(name, result)], 'csv'))
+    _write_report(config, workdir, out_dir, records, probs, targets, result, maps)
   return result
+
+
+def _vindr_mapping(label_space: str, labels: Sequence[str]) -> dict[str, Any]:
+  """The VinDr findings behind each evaluated label (empty: unmapped, its targets are unknown)."""
+  from ms_cxr.data import vindr
+
+  table = vindr.TO_CHEXPERT if label_space == 'chexpert' else vindr.TO_NIH
+  sources = {
+    label: sorted(name for name, targets in table.items() if label in targets) for label in labels
+  }
+  return {
+    'from': 'VinDr-CXR',
+    'to': label_space,
+    'sources': sources,
+    'unmapped': [label for label, names in sources.items() if not names],
+    'rule': 'a label is positive when any of its VinDr sources is; documented in ms_cxr/data/vindr.py',
+  }
+
+
+class _Maps(NamedTuple):
+  indices: list[int]  # rows of `records` the maps belong to
+  maps: np.ndarray  # float32 [len(indices), h, w, K]
+  size: int  # input side the maps were computed at
+  heatmap_rows: list[int]  # rows of `records` drawn as overlays
+
+
+def _map_size(config) -> int:
+  return config.eval.map_size or max(config.data.sizes)
+
+
+def _attention_outputs(config, run: _Run, records, probs, result) -> _Maps | None:
+  """Attention maps of the boxed images (scored into result['localization']) and of the overlay images."""
+  labels = tuple(config.data.labels)
+  boxed = localization.boxed_images(records, labels) if config.eval.localization else []
+  if config.eval.localization_max_images:
+    boxed = boxed[: config.eval.localization_max_images]
+  chosen = _heatmap_rows(config, records, boxed)
+  rows = sorted(set(boxed) | set(chosen))
+  if not rows:
+    return None
+  size = _map_size(config)
+  maps = compute_attention_maps(config, run.variables, [records[i] for i in rows], size)
+  position = {row: j for j, row in enumerate(rows)}
+  if boxed:
+    result['localization'] = localization.score(
+      maps[[position[i] for i in boxed]],
+      [records[i] for i in boxed],
+      labels,
+      grid=config.eval.localization_grid,
+      threshold=config.eval.iou_threshold,
+    )
+    result['localization']['map_size'] = size
+  return _Maps(rows, maps, size, chosen)
+
+
+def _heatmap_rows(config, records, boxed: list[int]) -> list[int]:
+  """Records drawn as overlays: `eval.heatmap_ids`, else the first with boxes, then the first with a finding."""
+  ids = [i.strip() for i in config.eval.heatmap_ids.split(',') if i.strip()]
+  if ids:
+    where = {r.id: i for i, r in enumerate(records)}
+    missing = [i for i in ids if i not in where]
+    if missing:
+      raise UserError(
+        f'config.eval.heatmap_ids: {missing} not in split {config.eval.split!r} (ids as in predictions.csv)'
+      )
+    return [where[i] for i in ids]
+  count = config.eval.heatmap_images
+  positive = [i for i, r in enumerate(records) if np.nansum(r.labels) > 0 and i not in set(boxed)]
+  return (boxed + positive)[:count]
+
+
+def compute_attention_maps(config, variables, records, size: int) -> np.ndarray:
+  """Class-wise attention maps [N, h, w, K] of `records` at input `size` (see models.attention_maps)."""
+  model = models.create_model(config.model, len(config.data.labels), config.data.sizes)
+  apply = jax.jit(lambda v, x: models.attention_maps(model, v, x, size_px=size))
+  batch = max(1, config.eval.batch_size // max(1, jax.local_device_count()))
+  out = []
+  for start in range(0, len(records), batch):
+    chunk = records[start : start + batch]
+    pixels = np.zeros((batch, size, size, 1), np.uint8)  # one shape: one compilation
+    for j, record in enumerate(chunk):
+      pixels[j, :, :, 0] = images.load(record.image, (size,))[size]
+    out.append(np.asarray(apply(variables, pixels), np.float32)[: len(chunk)])
+  return np.concatenate(out)
+
+
+def _write_report(config, workdir, out_dir, records, probs, targets, result, maps) -> None:
+  """Every report file, each through a temporary name."""
+  labels = tuple(config.data.labels)
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'cannot write the report to {out_dir!r}: {e.strerror}') from None
+  ids = [r.id for r in records]
+  write_predictions(os.path.join(out_dir, 'predictions.csv'), ids, probs, targets, labels)
+  name = os.path.basename(os.path.normpath(workdir))
+  write_text_atomic(os.path.join(out_dir, 'table.md'), report.table([(name, result)], 'md'))
+  write_text_atomic(os.path.join(out_dir, 'table.csv'), report.table([(name, result)], 'csv'))
+  if 'per_size' in result:
+    write_text_atomic(os.path.join(out_dir, 'per_size.md'), report.per_size_table(result, 'md'))
+    write_text_atomic(os.path.join(out_dir, 'per_size.csv'), report.per_size_table(result, 'csv'))
+  if 'localization' in result:
+    write_text_atomic(
+      os.path.join(out_dir, 'localization.md'), report.localization_table([(name, result)])
+    )
+  if config.eval.plots:
+    title = f'{name}: {config.data.dataset} {config.eval.split}, {len(records)} images'
+    plots.roc_curves(os.path.join(out_dir, 'roc.png'), probs, targets, labels, title)
+    plots.pr_curves(os.path.join(out_dir, 'pr.png'), probs, targets, labels, title)
+    plots.reliability_diagram(os.path.join(out_dir, 'reliability.png'), probs, targets)
+  if maps is not None:
+    _write_maps(out_dir, records, probs, labels, maps)
+  train.write_json_atomic(os.path.join(out_dir, 'metrics.json'), result)
+
+
+def _safe(name: str) -> str:
+  return re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')
+
+
+def _write_maps(out_dir, records, probs, labels, maps: _Maps) -> None:
+  """attention_maps.npz (every map computed) and heatmaps/<id>__<label>.png overlays."""
+  path = os.path.join(out_dir, 'attention_maps.npz')
+  with open(path + '.tmp', 'wb') as f:
+    np.savez_compressed(
+      f,
+      ids=np.asarray([records[i].id for i in maps.indices]),
+      labels=np.asarray(labels),
+      maps=maps.maps.astype(np.float16),
+      size=np.int32(maps.size),
+    )
+  os.replace(path + '.tmp', path)
+  if not maps.heatmap_rows:
+    return
+  folder = os.path.join(out_dir, 'heatmaps')
+  os.makedirs(folder, exist_ok=True)
+  position = {row: j for j, row in enumerate(maps.indices)}
+  for row in maps.heatmap_rows:
+    record = records[row]
+    # The image's findings; an image without any gets its most probable label.
+    ks = [k for k in range(len(labels)) if record.labels[k] == 1.0] or [int(np.argmax(probs[row]))]
+    pixels = images.load(record.image, (maps.size,))[maps.size]
+    for k in ks:
+      target = record.labels[k]
+      truth = 'unknown' if np.isnan(target) else f'{target:g}'
+      plots.heatmap_overlay(
+        os.path.join(folder, f'{_safe(record.id)}__{_safe(labels[k])}.png'),
+        pixels,
+        maps.maps[position[row], :, :, k],
+        f'{record.id}\n{labels[k]}: p = {probs[row, k]:.3f}, target {truth}',
+        [b for b in record.boxes or () if b.label == labels[k]],
+      )
+
+
+def _drop_unread(records, values, predicted: np.ndarray, result: dict[str, Any]):
+  """Leaves out the records whose image could not be read (data.skip_bad), listing them in `result`."""
+  if predicted.all():
+    return records, values
+  result['skipped_images'] = [r.id for r, ok in zip(records, predicted, strict=True) if not ok]
+  kept = [r for r, ok in zip(records, predicted, strict=True) if ok]
+  if not kept:
+    raise UserError('no image of the split could be read (data.skip_bad left every one out)')
+  if isinstance(values, dict):
+    return kept, {s: v[predicted] for s, v in values.items()}
+  return kept, values[predicted]
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -198,26 +443,37 @@ def write_text_atomic(path: str, text: str) -> None:
   os.replace(path + '.tmp', path)
 
 
-def _evaluate_ensemble(config, members, records, targets, dp):
-  """Mean of the members' probabilities; each member is fused over its own sizes by mean probability."""
+def _evaluate_ensemble(config, members, records, dp):
+  """Mean of the members' probabilities; each member is fused over its own sizes by mean probability.
+
+  Returns:
+    (result, probabilities [N, K], the bool [N] mask of the records every member predicted).
+  """
   labels = tuple(config.data.labels)
   member_probs, member_info = [], []
+  all_predicted = np.ones(len(records), np.bool_)
+  targets = label_matrix(records, len(labels))
   for workdir in members:
     member = load_workdir_config(workdir)
     if tuple(member.data.labels) != labels:
       raise UserError(f'ensemble member {workdir} has labels {member.data.labels}, not {labels}')
     member.eval.checkpoint, member.eval.step = config.eval.checkpoint, config.eval.step
     member.parallel = config.parallel
-    logits, _, step, num_params = _predict_run(member, workdir, records, [], dp)
+    member.data.skip_bad = config.data.skip_bad
+    member.eval.tta = config.eval.tta
+    member_run = _predict_run(member, workdir, records, [], dp)
+    logits, predicted = member_run.logits, member_run.predicted
+    step, num_params = member_run.step, member_run.num_params
     probs = fusion.fuse(logits, 'mean_prob')
     member_probs.append(probs)
+    all_predicted &= predicted
     member_info.append(
       {
         'workdir': workdir,
         'checkpoint_step': step,
         'num_params': num_params,
         'sizes': list(member.data.sizes),
-        'mean_auroc': _score(probs, targets, labels)['mean_auroc'],
+        'mean_auroc': _score(probs[predicted], targets[predicted], labels)['mean_auroc'],
       }
     )
   result = {
@@ -225,7 +481,7 @@ def _evaluate_ensemble(config, members, records, targets, dp):
     'num_params': sum(m['num_params'] for m in member_info),
     'ensemble': member_info,
   }
-  return result, np.mean(member_probs, axis=0)
+  return result, np.mean(member_probs, axis=0), all_predicted
 
 
 def write_predictions(
@@ -282,3 +538,177 @@ def format_table(result: dict[str, Any]) -> str:
     )
   )
   return '\n'.join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparing two evaluations
+# --------------------------------------------------------------------------------------------------
+
+
+def _eval_dir(path: str, eval_name: str) -> str:
+  """A report folder (with predictions.csv) from itself or from a training workdir."""
+  if os.path.isfile(os.path.join(path, 'predictions.csv')):
+    return path
+  candidate = os.path.join(path, 'eval', eval_name)
+  if os.path.isfile(os.path.join(candidate, 'predictions.csv')):
+    return candidate
+  raise UserError(
+    f'{path}: no predictions.csv here or in {candidate}; evaluate the run first (--mode=evaluate)'
+  )
+
+
+def read_predictions(path: str) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+  """predictions.csv -> (ids, labels, probabilities [N, K], targets [N, K] with NaN = unknown)."""
+  try:
+    with open(path, newline='') as f:
+      rows = list(csv.reader(f))
+  except FileNotFoundError:
+    raise UserError(f'{path} not found') from None
+  if not rows or rows[0][:1] != ['id'] or (len(rows[0]) - 1) % 2:
+    raise UserError(f'{path}: expected a header id,<label>_prob,<label>_target,...')
+  header = rows[0]
+  labels = [h[: -len('_prob')] for h in header[1::2]]
+  if header[2::2] != [f'{label}_target' for label in labels]:
+    raise UserError(f'{path}: header columns must alternate <label>_prob, <label>_target')
+  ids, probs, targets = [], [], []
+  for n, row in enumerate(rows[1:], 1):
+    if len(row) != len(header):
+      raise UserError(f'{path} row {n}: {len(row)} fields, expected {len(header)}')
+    try:
+      probs.append([float(v) for v in row[1::2]])
+      targets.append([float(v) if v else np.nan for v in row[2::2]])
+    except ValueError as e:
+      raise UserError(f'{path} row {n}: {e}') from None
+    ids.append(row[0])
+  k = len(labels)
+  return (
+    ids,
+    labels,
+    np.asarray(probs, np.float64).reshape(-1, k),
+    np.asarray(targets, np.float64).reshape(-1, k),
+  )
+
+
+def compare(dir_a: str, dir_b: str, eval_name: str = 'test', out_dir: str = '') -> dict[str, Any]:
+  """Paired DeLong test of two evaluations of the same images, per label; writes the comparison files.
+
+  Args:
+    dir_a: model A's training workdir (its eval/<eval_name>/) or report folder.
+    dir_b: model B's, evaluated on the same split.
+    eval_name: the report folder under each workdir's eval/.
+    out_dir: where `delong_<A>_vs_<B>.{md,csv,json}` go; '' = A's report folder.
+
+  Returns:
+    The comparison: per label the DeLong dict (auc_a, auc_b, diff, var, z, p_value) or None, both mean AUROCs.
+
+  Raises:
+    UserError: a missing report, different labels, different images or different targets.
+  """
+  folder_a, folder_b = _eval_dir(dir_a, eval_name), _eval_dir(dir_b, eval_name)
+  path_a, path_b = (os.path.join(d, 'predictions.csv') for d in (folder_a, folder_b))
+  ids_a, labels_a, probs_a, targets_a = read_predictions(path_a)
+  ids_b, labels_b, probs_b, targets_b = read_predictions(path_b)
+  if labels_a != labels_b:
+    raise UserError(f'{path_a} has labels {labels_a} but {path_b} has {labels_b}')
+  if sorted(ids_a) != sorted(ids_b):
+    only_a, only_b = set(ids_a) - set(ids_b), set(ids_b) - set(ids_a)
+    raise UserError(
+      f'{path_a} and {path_b} cover different images ({len(only_a)} only in A, {len(only_b)} only in B, '
+      f'e.g. {sorted(only_a | only_b)[:3]}): a paired test needs the same split'
+    )
+  order = {image: i for i, image in enumerate(ids_b)}
+  take = [order[image] for image in ids_a]
+  probs_b, targets_b = probs_b[take], targets_b[take]
+  if not np.array_equal(np.isnan(targets_a), np.isnan(targets_b)) or not np.allclose(
+    np.nan_to_num(targets_a), np.nan_to_num(targets_b)
+  ):
+    raise UserError(f'{path_a} and {path_b} have different targets for the same images')
+  labels = tuple(labels_a)
+  name_a = os.path.basename(os.path.normpath(dir_a))
+  name_b = os.path.basename(os.path.normpath(dir_b))
+  if name_a == name_b:
+    name_a, name_b = f'{name_a} (A)', f'{name_b} (B)'
+  comparison = {
+    'a': {'name': name_a, 'predictions': os.path.abspath(path_a)},
+    'b': {'name': name_b, 'predictions': os.path.abspath(path_b)},
+    'num_images': len(ids_a),
+    'test': 'paired DeLong, two-sided, per label (no multiple-comparison correction)',
+    'per_label': metrics.delong_per_label(probs_a, probs_b, targets_a, labels),
+    'mean_auroc_a': metrics.mean_auroc(metrics.per_class_auroc(probs_a, targets_a, labels)),
+    'mean_auroc_b': metrics.mean_auroc(metrics.per_class_auroc(probs_b, targets_b, labels)),
+  }
+  out_dir = out_dir or folder_a
+  os.makedirs(out_dir, exist_ok=True)
+  stem = os.path.join(out_dir, f'delong_{_safe(name_a)}_vs_{_safe(name_b)}')
+  write_text_atomic(stem + '.md', report.compare_table(name_a, name_b, comparison, 'md'))
+  write_text_atomic(stem + '.csv', report.compare_table(name_a, name_b, comparison, 'csv'))
+  train.write_json_atomic(stem + '.json', comparison)
+  comparison['files'] = [stem + ext for ext in ('.md', '.csv', '.json')]
+  return comparison
+
+
+USAGE = """usage:
+  python -m ms_cxr.evaluate --workdir=DIR [--config=configs/FILE.py:ARGS] [--config.eval.FIELD=VALUE ...]
+      evaluates a checkpoint of DIR (default config: DIR/config.json) and writes DIR/eval/<name>/
+  python -m ms_cxr.evaluate compare DIR_A DIR_B [--eval_name=test] [--out=FOLDER]
+      paired DeLong test of two evaluations of the same split, per label"""
+
+
+def _main(argv) -> None:
+  from absl import flags
+
+  flags_ = flags.FLAGS
+  args = argv[1:]
+  try:
+    if args and args[0] == 'compare':
+      if len(args) != 3:
+        raise UserError('compare takes two folders: compare DIR_A DIR_B')
+      comparison = compare(args[1], args[2], flags_.eval_name, flags_.out)
+      print(open(comparison['files'][0]).read(), end='')
+      print(f'written: {", ".join(comparison["files"])}')
+      return
+    if args:
+      raise UserError(f'unexpected arguments {args}\n{USAGE}')
+    if not flags_.workdir:
+      raise UserError(f'--workdir is required\n{USAGE}')
+    from ms_cxr import distributed
+
+    distributed.initialize(flags_.config.parallel)
+    result = evaluate(flags_.config, flags_.workdir)
+    if jax.process_index() == 0:
+      print(format_table(result))
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _define_flags(argv: list[str]) -> None:
+  """--config from a file when given, else the workdir's config.json (overridable the same way)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
+  # --eval_name is ms_cxr.report's flag (imported above): the report folder under each workdir's eval/.
+  flags.DEFINE_string('out', '', "compare: output folder ('' = A's report folder).")
+  if any(a == '--config' or a.startswith('--config=') for a in argv):
+    config_flags.DEFINE_config_file('config', None, 'Config file, as for ms_cxr.main.')
+    return
+  workdir = next((a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')), None)
+  if workdir is None or (argv[1:2] == ['compare']):
+    config_flags.DEFINE_config_dict('config', ml_collections.ConfigDict({'parallel': {}}))
+    return
+  try:
+    config = load_workdir_config(workdir)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  config_flags.DEFINE_config_dict(
+    'config', config, "The run's config.json; override fields with --config.X=V"
+  )
+
+
+if __name__ == '__main__':
+  from absl import app
+
+  _define_flags(sys.argv)
+  app.run(_main)

@@ -1,6 +1,7 @@
 """Tables for a paper from evaluation reports: label x model AUROC, parameter counts, mean.
 
   python -m ms_cxr.report runs/densenet_224 runs/densenet_448 runs/ssbn runs/ensemble [--eval_name=test]
+  python -m ms_cxr.report --localization runs/msanet runs/densenet_224     (pointing game and IoU per label)
 
 Each argument is a workdir (its `eval/<eval_name>/metrics.json` is read) or a metrics.json path. Multi-scale
 runs contribute one column per size and one for the fusion, so single-scale, multi-scale and ensemble rows of a
@@ -22,6 +23,11 @@ from ms_cxr.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('eval_name', 'test', 'Report folder under <workdir>/eval/ to read.')
+flags.DEFINE_bool(
+  'localization',
+  False,
+  'Print the pointing-game / IoU table of the attention maps instead of AUROC.',
+)
 
 
 def load_metrics(path: str, eval_name: str = 'test') -> dict[str, Any]:
@@ -97,6 +103,97 @@ def table(runs: Sequence[tuple[str, dict[str, Any]]], fmt: str = 'md') -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _render(rows: list[list[str]], fmt: str, align: str = '---:|') -> str:
+  if fmt == 'csv':
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator='\n').writerows(rows)
+    return buffer.getvalue()
+  lines = ['| ' + ' | '.join(rows[0]) + ' |', '|---|' + align * (len(rows[0]) - 1)]
+  lines += ['| ' + ' | '.join(row) + ' |' for row in rows[1:]]
+  return '\n'.join(lines) + '\n'
+
+
+def per_size_table(result: dict[str, Any], fmt: str = 'md') -> str:
+  """A multi-scale model's AUROC per label at each input size alone, the fused value, and the size that wins.
+
+  Ties go to the smaller size; a label without an AUROC at any size has no winner.
+  """
+  sizes = sorted(result['per_size'], key=int)
+  rows = [['label'] + [f'{s} px' for s in sizes] + [f'fused ({result["fusion"]})', 'best size']]
+  for label in result['labels']:
+    values = [result['per_size'][s]['per_class_auroc'].get(label) for s in sizes]
+    known = [(v, -int(s)) for v, s in zip(values, sizes, strict=True) if v is not None]
+    best = f'{-max(known)[1]} px' if known else 'n/a'
+    rows.append(
+      [label]
+      + [_cell(v, None) for v in values]
+      + [_cell(result['per_class_auroc'].get(label), None), best]
+    )
+  means = [result['per_size'][s]['mean_auroc'] for s in sizes]
+  wins = {s: 0 for s in sizes}
+  for row in rows[1:]:
+    if row[-1] != 'n/a':
+      wins[row[-1].split()[0]] += 1
+  rows.append(
+    ['mean AUROC'] + [_cell(m, None) for m in means] + [_cell(result['mean_auroc'], None), '']
+  )
+  rows.append(['labels won'] + [str(wins[s]) for s in sizes] + ['', ''])
+  return _render(rows, fmt)
+
+
+def localization_table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
+  """Markdown: per label, the pointing-game hit rate and mean IoU of each run's attention maps (n = images)."""
+  labels = runs[0][1]['labels']
+  header = ['label', 'n']
+  for name, _ in runs:
+    header += [f'{name} pointing game', f'{name} IoU']
+  rows = [header]
+  for label in labels + ['mean']:
+    first = runs[0][1]['localization']
+    n = '' if label == 'mean' else (first['per_label'][label] or {}).get('num_images', 0)
+    row = [label, str(n)]
+    for _, result in runs:
+      loc = result['localization']
+      if label == 'mean':
+        values = (loc['mean_pointing_game'], loc['mean_iou'])
+      else:
+        entry = loc['per_label'].get(label)
+        values = (entry['pointing_game'], entry['mean_iou']) if entry else (None, None)
+      row += ['n/a' if v is None else f'{v:.3f}' for v in values]
+    rows.append(row)
+  return _render(rows, 'md')
+
+
+def compare_table(name_a: str, name_b: str, comparison: dict[str, Any], fmt: str = 'md') -> str:
+  """The DeLong comparison of two models on the same images: AUROC of each, difference, z, p per label."""
+  rows = [['label', f'AUROC {name_a}', f'AUROC {name_b}', 'difference (A - B)', 'z', 'p-value']]
+  for label, test in comparison['per_label'].items():
+    if test is None:
+      rows.append([label, 'n/a', 'n/a', 'n/a', 'n/a', 'n/a (fewer than 2 positives or negatives)'])
+      continue
+    rows.append(
+      [
+        label,
+        f'{test["auc_a"]:.4f}',
+        f'{test["auc_b"]:.4f}',
+        f'{test["diff"]:+.4f}',
+        f'{test["z"]:.2f}',
+        f'{test["p_value"]:.4g}',
+      ]
+    )
+  rows.append(
+    [
+      'mean AUROC',
+      _cell(comparison['mean_auroc_a'], None),
+      _cell(comparison['mean_auroc_b'], None),
+      f'{comparison["mean_auroc_a"] - comparison["mean_auroc_b"]:+.4f}',
+      '',
+      '',
+    ]
+  )
+  return _render(rows, fmt)
+
+
 def main(argv: Sequence[str]) -> None:
   paths = argv[1:]
   if not paths:
@@ -105,7 +202,13 @@ def main(argv: Sequence[str]) -> None:
     runs = [
       (os.path.basename(os.path.normpath(p)), load_metrics(p, FLAGS.eval_name)) for p in paths
     ]
-    print(table(runs), end='')
+    if FLAGS.localization:
+      missing = [name for name, result in runs if 'localization' not in result]
+      if missing:
+        raise UserError(f'{missing}: no localization in metrics.json (the split has no boxes?)')
+      print(localization_table(runs), end='')
+    else:
+      print(table(runs), end='')
   except UserError as e:
     raise SystemExit(f'error: {e}') from None
 

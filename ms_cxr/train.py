@@ -55,6 +55,54 @@ class NonFiniteLossError(UserError):
   """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class Preempted(Exception):
+  """SIGTERM stopped training after a step whose checkpoint was saved; the same command resumes from it."""
+
+  def __init__(self, step: int, workdir: str):
+    super().__init__(
+      f'SIGTERM: stopped after step {step} with its checkpoint saved in {workdir}/checkpoints; '
+      'run the same command to resume'
+    )
+    self.step = step
+
+
+class _PreemptionWatch:
+  """SIGTERM sets a flag instead of killing the process; the train loop checks it between steps.
+
+  In a multi-process run every process checks at the same steps (every `every_steps`): the flags are all-gathered
+  and all stop together if any process got the signal. `restore` puts the previous handler back.
+  """
+
+  def __init__(self, every_steps: int = 1):
+    import signal
+    import threading
+
+    self.received = False
+    self.every_steps = max(int(every_steps), 1)
+    # Python handles signals in the main thread only; elsewhere (e.g. a test thread) SIGTERM keeps its default.
+    self._installed = threading.current_thread() is threading.main_thread()
+    self._previous = signal.signal(signal.SIGTERM, self._handle) if self._installed else None
+
+  def _handle(self, signum, frame) -> None:
+    self.received = True
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to stop after `step`; the same answer on every process."""
+    if jax.process_count() == 1:
+      return self.received
+    if step % self.every_steps:
+      return False
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.received))))
+
+  def restore(self) -> None:
+    if self._installed:
+      import signal
+
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+
+
 # --------------------------------------------------------------------------------------------------
 # Model and optimizer
 # --------------------------------------------------------------------------------------------------
@@ -350,15 +398,49 @@ def train_step_memory(config: ml_collections.ConfigDict, size_px: int) -> dict[s
   return figures
 
 
-def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-  """Logits at every size in the batch for this device's examples (BatchNorm in inference mode)."""
+TTA_VIEWS = ('hflip', 'zoom', 'shift')
+
+
+def tta_view(images: jax.Array, view: str) -> jax.Array:
+  """One test-time view of uint8 images [B, S, S, C] at the same size.
+
+  hflip: mirrored left-right; zoom: the central 90% enlarged back to S; shift: moved by S/32 down and right (the
+  border filled with black, as training augmentation does).
+  """
+  size = images.shape[1]
+  if view == 'hflip':
+    return images[:, :, ::-1]
+  if view == 'zoom':
+    margin = round(size * 0.05)
+    crop = images[:, margin : size - margin, margin : size - margin].astype(jnp.float32)
+    resized = jax.image.resize(crop, (images.shape[0], size, size, images.shape[3]), 'linear')
+    return jnp.clip(jnp.round(resized), 0, 255).astype(images.dtype)
+  if view == 'shift':
+    d = max(1, size // 32)
+    return jnp.pad(images[:, : size - d, : size - d], ((0, 0), (d, 0), (d, 0), (0, 0)))
+  raise ValueError(f'test-time view {view!r}; expected one of {TTA_VIEWS}')
+
+
+def tta_views(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """`config.eval.tta` as view names; `--config.eval.tta=hflip,zoom` arrives as one string and is split here."""
+  return tuple(v.strip() for item in config.eval.tta for v in str(item).split(',') if v.strip())
+
+
+def eval_step(state: TrainState, batch: Batch, tta: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+  """Logits at every size in the batch for this device's examples (BatchNorm in inference mode).
+
+  With `tta` (views of `TTA_VIEWS`), each size's logits are the mean over the original image and those views.
+  """
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   out = {'index': batch['index'], 'valid': batch['valid']}
   for size in pipeline.batch_sizes(batch):
-    logits = state.apply_fn(variables, batch[pipeline.image_key(size)], train=False)
-    out[f'logits_{size}'] = (
-      logits['logits'] if isinstance(logits, dict) else logits
-    )  # MS-ANet: fused
+    images = batch[pipeline.image_key(size)]
+    views = [images] + [tta_view(images, view) for view in tta]
+    per_view = []
+    for view_images in views:
+      logits = state.apply_fn(variables, view_images, train=False)
+      per_view.append(logits['logits'] if isinstance(logits, dict) else logits)  # MS-ANet: fused
+    out[f'logits_{size}'] = per_view[0] if len(per_view) == 1 else jnp.mean(jnp.stack(per_view), 0)
   return out
 
 
@@ -368,24 +450,32 @@ def predict(
   records: list[Record],
   config: ml_collections.ConfigDict,
   dp: parallel.DataParallel,
-) -> dict[int, np.ndarray]:
-  """Logits {size: [len(records), num_labels]} in record order, for every configured size."""
+) -> tuple[dict[int, np.ndarray], np.ndarray]:
+  """Predicts `records` in order at every configured size.
+
+  Returns:
+    Logits {size: [len(records), num_labels]} and a bool [len(records)] mask of the records predicted: all of
+    them, except images that failed to decode under `data.skip_bad` (their logits rows are NaN).
+  """
   ds = pipeline.eval_dataset(
     records, config, process_index=jax.process_index(), process_count=jax.process_count()
   )
   num_labels = len(config.data.labels)
-  logits = {s: np.zeros((len(records), num_labels), np.float32) for s in config.data.sizes}
+  logits = {s: np.full((len(records), num_labels), np.nan, np.float32) for s in config.data.sizes}
+  predicted = np.zeros(len(records), np.bool_)
   iterator = iter(ds)
   try:
     for batch in iterator:
+      batch.pop('skipped', None)  # host-side bookkeeping, not a model input
       out = dp.gather(p_eval_step(state, dp.shard_batch(batch)))
       keep = out['valid']
+      predicted[out['index'][keep]] = True
       for size in config.data.sizes:
         logits[size][out['index'][keep]] = out[f'logits_{size}'][keep]
   finally:
     if hasattr(iterator, 'close'):  # stops Grain worker processes and frees their shared memory
       iterator.close()
-  return logits
+  return logits, predicted
 
 
 # --------------------------------------------------------------------------------------------------
@@ -452,6 +542,9 @@ def validate_config(config: ml_collections.ConfigDict, dp: parallel.DataParallel
     raise UserError('config.train.consistency_weight / scale_loss_weight need an msanet_* model')
   if config.eval.fusion not in fusion.FUSIONS:
     raise UserError(f'config.eval.fusion={config.eval.fusion!r}; expected one of {fusion.FUSIONS}')
+  unknown_views = [v for v in tta_views(config) if v not in TTA_VIEWS]
+  if unknown_views:
+    raise UserError(f'config.eval.tta has {unknown_views}; expected views from {TTA_VIEWS}')
   for name in ('train.global_batch_size', 'eval.batch_size'):
     value = config.train.global_batch_size if name.startswith('train') else config.eval.batch_size
     if value <= 0 or value % dp.num_devices:
@@ -483,9 +576,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   labels = tuple(config.data.labels)
 
   # --- input pipeline -----------------------------------------------------------------------------
-  train_records = datasets.load_split(config.data, 'train')
+  skipped_rows: list[
+    str
+  ] = []  # data.skip_bad: label rows and missing images left out of the splits
+  train_records = datasets.load_split(config.data, 'train', skipped_rows)
   val_records = (
-    datasets.load_split(config.data, config.eval.val_split) if config.train.eval_every_steps else []
+    datasets.load_split(config.data, config.eval.val_split, skipped_rows)
+    if config.train.eval_every_steps
+    else []
   )
   train_iter = iter(
     pipeline.train_dataset(
@@ -553,21 +651,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   )
   # Per-step metrics not yet fetched: fetching every step would stall the dispatch of the next one.
   pending: list[tuple[int, Metrics]] = []
+  skipped_images = (
+    0  # data.skip_bad: training images that failed to decode since this process started
+  )
+  if config.data.skip_bad:
+    writer.write_scalars(first_step, {'skipped_rows': len(skipped_rows)}, prefix='data/')
   last_saved = first_step
 
+  fetched: list[dict] = []  # metrics fetched to the host but not yet logged
+
   def flush(step: int) -> dict[str, float]:
-    """Fetches pending metrics; raises on the first non-finite loss, before anything is saved."""
-    fetched = jax.device_get([m for _, m in pending])
-    for (s, _), m in zip(pending, fetched, strict=True):
+    """Fetches pending metrics (raising on the first non-finite loss, before anything is saved) and returns the
+    means of everything fetched since the last call that logged; steps fetched early (for a checkpoint or a
+    validation) are kept for that log line rather than dropped."""
+    new = jax.device_get([m for _, m in pending])
+    for (s, _), m in zip(pending, new, strict=True):
       if not math.isfinite(float(np.ravel(m['loss'])[0])):
         raise NonFiniteLossError(
           f'loss is {float(np.ravel(m["loss"])[0])} at step {s}; stopping. The last good checkpoint '
           f'(step {last_saved}) is kept in {workdir}/checkpoints'
         )
     pending.clear()
+    fetched.extend(new)
+    return {}
+
+  def log_means(step: int) -> dict[str, float]:
+    """Flushes, then the means since the previous log line (and clears them)."""
+    flush(step)
     keys = sorted({k for m in fetched for k in m})  # per-size losses appear only on their steps
     means = {k: float(np.mean([np.ravel(m[k])[0] for m in fetched if k in m])) for k in keys}
     means['learning_rate'] = float(schedule(step - 1))
+    fetched.clear()
     return means
 
   def save(step: int, *, best: bool = False, extra: dict | None = None) -> None:
@@ -575,18 +689,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     meta = checkpointing.checkpoint_meta(config, step=step, **(extra or {}))
     ckpt.save(step, host_state, train_iter, meta, best=best)
 
+  # Preemption (SIGTERM): finish the step, save state and data position, raise Preempted (exit status 4).
+  preemption = _PreemptionWatch(config.parallel.preemption_check_every_steps)
   try:
     for step in range(first_step + 1, config.train.num_steps + 1):
-      batch = dp.shard_batch(next(train_iter))
+      host_batch = next(train_iter)
+      skipped_images += int(host_batch.pop('skipped').sum())
+      batch = dp.shard_batch(host_batch)
       state, step_metrics = p_train_step(state, batch)
       pending.append((step, step_metrics))
 
       is_last = step == config.train.num_steps
       if step % config.train.log_every_steps == 0 or is_last:
-        scalars = flush(step)
+        scalars = log_means(step)
         images_per_sec, eta = progress(step)
         scalars['images_per_sec'] = images_per_sec
         writer.write_scalars(step, scalars, prefix='train/')
+        if config.data.skip_bad:
+          writer.write_scalars(step, {'skipped_images': skipped_images}, prefix='data/')
+          if skipped_images:
+            writer.log(
+              f'data.skip_bad: {skipped_images} unreadable training image(s) replaced so far'
+            )
         writer.log(
           f'step {step}/{config.train.num_steps}  loss {scalars["loss"]:.4f}  '
           f'lr {scalars["learning_rate"]:.2e}  {images_per_sec:.1f} images/s  '
@@ -599,11 +723,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if eval_now:
         if pending:
           flush(step)
-        logits = predict(p_eval_step, state, val_records, config, dp)
+        logits, predicted = predict(p_eval_step, state, val_records, config, dp)
         # best_on_val would choose sizes on the very split it is scored on: use the mean there.
         rule = 'mean_prob' if config.eval.fusion == 'best_on_val' else config.eval.fusion
-        probs = fusion.fuse(logits, rule)
-        per_class = metrics.per_class_auroc(probs, label_matrix(val_records, len(labels)), labels)
+        probs = fusion.fuse({s: v[predicted] for s, v in logits.items()}, rule)
+        per_class = metrics.per_class_auroc(
+          probs, label_matrix(val_records, len(labels))[predicted], labels
+        )
         score = metrics.mean_auroc(per_class)
         writer.write_scalars(
           step, {'mean_auroc': score if score is not None else float('nan')}, prefix='val/'
@@ -618,7 +744,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           flush(step)
         save(step)
         last_saved = step
+
+      if preemption.should_stop(step):
+        if last_saved != step:
+          if pending or fetched:
+            writer.write_scalars(step, log_means(step), prefix='train/')
+          save(step)
+          last_saved = step
+        ckpt.wait()
+        writer.log(f'SIGTERM: checkpoint of step {step} saved; stopping')
+        raise Preempted(step, workdir)
   finally:
+    preemption.restore()
     ckpt.wait()
     ckpt.close()
     writer.close()

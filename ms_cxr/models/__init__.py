@@ -67,3 +67,14 @@ def create_model(
       attention_gate=options.attention_gate,
     )
   return densenet.DenseNet(**common)
+
+
+def attention_maps(model: nn.Module, variables, images, size_px: int | None = None):
+  """Class-wise attention maps [B, h, w, K] (float32) for uint8 images, in inference mode.
+
+  MS-ANet: its fused multi-scale attention map (`fused_cam`). DenseNet (standard BN or SSBN): the class activation
+  map of the last feature map, whose spatial mean is the logit. Higher = more evidence for the label there.
+  """
+  if isinstance(model, msanet.MSANet):
+    return model.apply(variables, images, train=False, size_px=size_px)['fused_cam']
+  return model.apply(variables, images, train=False, size_px=size_px, return_cam=True)['cam']

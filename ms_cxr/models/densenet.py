@@ -95,8 +95,15 @@ class DenseNet(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool, size_px: int | None = None) -> jax.Array:
-    """Logits [batch, num_classes] (float32) for uint8 images [batch, height, width, 1 or 3]."""
+  def __call__(
+    self, x: jax.Array, *, train: bool, size_px: int | None = None, return_cam: bool = False
+  ) -> jax.Array | dict[str, jax.Array]:
+    """Logits [batch, num_classes] (float32) for uint8 images [batch, height, width, 1 or 3].
+
+    With `return_cam`, a dict: `logits` and `cam` [batch, h, w, num_classes], the class activation map (the
+    classifier applied at every position of the last feature map; its spatial mean is exactly the logit, as
+    global average pooling and the classifier are both linear).
+    """
     conv = functools.partial(
       nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=nn.initializers.kaiming_normal()
     )
@@ -138,9 +145,11 @@ class DenseNet(nn.Module):
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
 
     x = nn.relu(norm(name='norm5')(x))
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
-    return x.astype(jnp.float32)
+    classifier = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')
+    logits = classifier(jnp.mean(x, axis=(1, 2))).astype(jnp.float32)
+    if return_cam:
+      return {'logits': logits, 'cam': classifier(x).astype(jnp.float32)}
+    return logits
 
 
 # Architectures by name. The tiny and small presets keep the DenseNet structure (dense blocks,
