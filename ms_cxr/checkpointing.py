@@ -85,6 +85,10 @@ class Checkpointer:
     if data_iter is not None:
       items['data_iter'] = grain.checkpoint.CheckpointSave(data_iter)
     manager = self.best if best else self.latest
+    if jax.process_count() > 1:
+      # Orbax names its cross-process barrier after the step: two managers saving the same step at once (best and
+      # latest at a validation step) would collide, so the other manager's save finishes first.
+      (self.latest if best else self.best).wait_until_finished()
     manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def resolve_step(
