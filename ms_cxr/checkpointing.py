@@ -182,9 +182,19 @@ def load_variables(workdir: str) -> dict[str, PyTree]:
   options = ocp.CheckpointManagerOptions(read_only=True, create=False)
   if not os.path.isdir(directory):
     raise UserError(f'no checkpoints in {directory}')
-  with ocp.CheckpointManager(directory, options=options, item_names=('state',)) as manager:
+  handlers = {'state': ocp.StandardCheckpointHandler()}
+  with ocp.CheckpointManager(directory, options=options, item_handlers=handlers) as manager:
     step = manager.latest_step()
     if step is None:
       raise UserError(f'no checkpoints in {directory}')
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    # Restored onto this process's first device whatever topology wrote it (a multi-host run's checkpoint
+    # records its own mesh, which a single process cannot rebuild).
+    saved = manager.item_metadata(step).state
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), saved
+    )
+    state = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    ).state
   return {'params': state['params'], 'batch_stats': state['batch_stats']}
