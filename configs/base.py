@@ -29,6 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.val_fraction = 0.1  # real datasets: share of training patients held out for validation
   data.num_workers = 0  # Grain worker processes (0 = decode in the main process)
   data.prefetch_batches = 2  # batches prepared ahead of the step
+  # Reader threads per process (per worker process with num_workers > 0). A training element is a whole batch,
+  # decoded by one thread, so this many batches are decoded side by side and at most prefetch_batches more are
+  # held ahead of them (Grain's own default, 16 threads and 500 elements, could hold hundreds of 896-px batches).
+  data.read_threads = 4
   # Bad input (an unparseable label row, an unknown label name, a missing, truncated or corrupt image) stops the run
   # with an error naming the file and row. True: skip and count instead -- bad rows are dropped when the split is
   # read; a training image that fails to decode is replaced by the next readable one of the split, an evaluation

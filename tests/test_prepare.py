@@ -206,7 +206,8 @@ def test_references(tmp_path):
 
 @pytest.mark.skipif(not (SHARED_DATA / 'nih').is_dir(), reason='../shared/data is not present')
 def test_prepared_and_native_routes_yield_identical_batches(tmp_path):
-  """Training batches (shuffled, augmented) are the same from ArrayRecord shards as from the native files."""
+  """Training batches (shuffled, augmented) are the same from ArrayRecord shards as from the native files, read
+  in this process or by worker processes."""
   from configs import densenet
   from ms_cxr.data import datasets as datasets_lib
   from ms_cxr.data import pipeline
@@ -223,8 +224,15 @@ def test_prepared_and_native_routes_yield_identical_batches(tmp_path):
   assert prepared[0].image.startswith('arrayrecord:')
   native_it = iter(pipeline.train_dataset(native, config))
   prepared_it = iter(pipeline.train_dataset(prepared, config))
-  for _ in range(3):
-    a, b = next(native_it), next(prepared_it)
-    assert sorted(a) == sorted(b)
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key])
+  # Two Grain worker processes, each with several reader threads starting on prepared images at once.
+  config.data.num_workers = 2
+  workers_it = iter(pipeline.train_dataset(prepared, config))
+  try:
+    for _ in range(3):
+      a, b, c = next(native_it), next(prepared_it), next(workers_it)
+      assert sorted(a) == sorted(b) == sorted(c)
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+        np.testing.assert_array_equal(a[key], c[key])
+  finally:
+    workers_it.close()

@@ -10,6 +10,7 @@ pixel to the device. Aspect ratio: the image is resized to a square (chest radio
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 
 import ml_collections
@@ -34,9 +35,7 @@ def load(ref: str, sizes: Sequence[int]) -> dict[int, np.ndarray]:
   if ref.startswith('synthetic:'):
     return {size: synthetic.load(ref, size) for size in sizes}
   if ref.startswith('arrayrecord:'):
-    from ms_cxr.data import prepare  # lazy: prepare imports this module, and tensorflow-datasets
-
-    pixels = prepare.load_prepared(ref)  # pre-resized to the prepared size
+    pixels = _load_prepared(ref)  # pre-resized to the prepared size
     return {size: resize(pixels, size) for size in sizes}
   if ref.lower().endswith(('.dcm', '.dicom')):
     pixels = dicom.read_dicom(ref)  # raises ValueError naming the file
@@ -48,6 +47,27 @@ def load(ref: str, sizes: Sequence[int]) -> dict[int, np.ndarray]:
   except (OSError, SyntaxError, ValueError) as e:
     raise ValueError(f'{ref}: cannot read image ({e})') from None
   return {size: resize(pixels, size) for size in sizes}
+
+
+# The first prepared image of a process is read under this lock. ms_cxr.data.prepare is imported lazily (it imports
+# this module, and tensorflow-datasets, whose own imports and first example decoding go through lazy imports); a
+# pipeline's reader threads all start on a prepared image at once, and left to race they can deadlock there.
+_PREPARED_FIRST_READ = threading.Lock()
+_prepared_ready = False
+
+
+def _load_prepared(ref: str) -> np.ndarray:
+  global _prepared_ready
+  if not _prepared_ready:
+    with _PREPARED_FIRST_READ:
+      from ms_cxr.data import prepare
+
+      pixels = prepare.load_prepared(ref)
+      _prepared_ready = True
+      return pixels
+  from ms_cxr.data import prepare
+
+  return prepare.load_prepared(ref)
 
 
 def to_uint8_grayscale(img: Image.Image) -> np.ndarray:

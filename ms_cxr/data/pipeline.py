@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import grain
 import ml_collections
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
 from ms_cxr.data import images
 from ms_cxr.data.records import Record
@@ -166,8 +166,22 @@ class _LoadEvalExample:
     return example
 
 
+def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
+  """Grain reads whole local batches (the elements of both datasets): `data.read_threads` of them decoded side
+  by side, each by one thread, and no more than that or `data.prefetch_batches` held ahead."""
+  threads = config.data.read_threads
+  if not isinstance(threads, int) or threads < 1:
+    raise UserError(f'data.read_threads must be a positive integer, got {threads!r}')
+  return grain.ReadOptions(
+    num_threads=threads, prefetch_buffer_size=max(threads, config.data.prefetch_batches)
+  )
+
+
 def _prefetch(it: grain.IterDataset, num_workers: int, prefetch_batches: int) -> grain.IterDataset:
   if num_workers > 0:
+    if not flags.FLAGS.is_parsed():
+      # Grain reads its absl flags when it starts workers; a notebook or a test never parsed any (defaults then).
+      flags.FLAGS.mark_as_parsed()
     options = grain.MultiprocessingOptions(
       num_workers=num_workers, per_worker_buffer_size=max(1, prefetch_batches)
     )
@@ -225,7 +239,8 @@ def train_dataset(
   # Consecutive local batches k*P .. k*P+P-1 make up global batch k; this process keeps batch k*P+p, and
   # map_with_index hands the loader k, the step number.
   ds = order.batch(local)[process_index::process_count].map_with_index(load)
-  return _prefetch(ds.to_iter_dataset(), config.data.num_workers, config.data.prefetch_batches)
+  it = ds.to_iter_dataset(_read_options(config))
+  return _prefetch(it, config.data.num_workers, config.data.prefetch_batches)
 
 
 def eval_dataset(
@@ -245,4 +260,5 @@ def eval_dataset(
     _LoadEvalExample(tuple(records), tuple(config.data.sizes), config.data.skip_bad)
   )
   ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
-  return _prefetch(ds.to_iter_dataset(), config.data.num_workers, config.data.prefetch_batches)
+  it = ds.to_iter_dataset(_read_options(config))
+  return _prefetch(it, config.data.num_workers, config.data.prefetch_batches)
