@@ -30,6 +30,7 @@ import numpy as np
 
 from ms_cxr import (
   checkpointing,
+  cli,
   fusion,
   localization,
   metrics,
@@ -659,7 +660,7 @@ def _main(argv) -> None:
 
   flags_ = flags.FLAGS
   args = argv[1:]
-  try:
+  with cli.user_errors():
     if args and args[0] == 'compare':
       if len(args) != 3:
         raise UserError('compare takes two folders: compare DIR_A DIR_B')
@@ -677,9 +678,6 @@ def _main(argv) -> None:
     result = evaluate(flags_.config, flags_.workdir)
     if jax.process_index() == 0:
       print(format_table(result))
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
 
 
 def _define_flags(argv: list[str]) -> None:
@@ -697,11 +695,8 @@ def _define_flags(argv: list[str]) -> None:
   if workdir is None or (argv[1:2] == ['compare']):
     config_flags.DEFINE_config_dict('config', ml_collections.ConfigDict({'parallel': {}}))
     return
-  try:
+  with cli.user_errors():
     config = load_workdir_config(workdir)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
   config_flags.DEFINE_config_dict(
     'config', config, "The run's config.json; override fields with --config.X=V"
   )
@@ -711,4 +706,4 @@ if __name__ == '__main__':
   from absl import app
 
   _define_flags(sys.argv)
-  app.run(_main)
+  app.run(_main, flags_parser=cli.parse_flags)

@@ -11,14 +11,13 @@ Multi-process runs (SLURM, Cloud TPU pods, Kubernetes, `launch/local.sh --num_pr
 `jax.distributed` here, before anything touches a device; see ms_cxr/distributed.py and launch/.
 """
 
-import re
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ms_cxr import distributed, evaluate, models, train
+from ms_cxr import cli, distributed, evaluate, models, train
 from ms_cxr.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -42,7 +41,7 @@ flags.DEFINE_bool(
 )
 flags.mark_flags_as_required(['config'])
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = cli.EXIT_USER_ERROR
 EXIT_NON_FINITE = 3
 # Stopped by SIGTERM after saving a checkpoint: a scheduler can requeue the same command, which resumes.
 EXIT_PREEMPTED = 4
@@ -131,32 +130,6 @@ def run(argv) -> None:
       print(evaluate.format_table(result))
 
 
-def _one_line(error: Exception, argv: list[str]) -> str:
-  """A readable one-line message for a flag-parsing failure."""
-  text = str(error.args[0]) if error.args else str(error)
-  if isinstance(error, KeyError | AttributeError):
-    # ml_collections reports e.g. 'num_stepz' ... Did you mean "num_steps" instead of "num_stepz"?
-    key = re.search(r'[A-Za-z_]\w*', text)
-    key = key.group(0) if key else text
-    hint = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', text)
-    flag = next((a.split('=')[0] for a in argv if a.startswith('--config.') and key in a), key)
-    return f'{flag}: the config has no field {key!r}.' + (f' {hint.group(0)}' if hint else '')
-  if (
-    'Error whilst parsing config file' in text
-  ):  # the config file's own error, without its traceback
-    text = text.strip().splitlines()[-1]
-  return ' '.join(text.split())
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with a bad flag or config override reported as one line (exit 2)."""
-  try:
-    return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    print(f'error: {_one_line(e, argv)}', file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
-
-
 def main(argv) -> None:
   try:
     run(argv)
@@ -172,4 +145,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -68,6 +68,7 @@ import tqdm
 from array_record.python import array_record_module
 from PIL import Image
 
+from ms_cxr import cli
 from ms_cxr.data import datasets, images
 from ms_cxr.data.records import Box, Record
 from ms_cxr.errors import UserError
@@ -616,40 +617,15 @@ def _main(argv) -> None:
       overwrite=flag_values.overwrite,
     )
   except (UserError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e))
   counts = ', '.join(f'{s} {e["num_examples"]}' for s, e in manifest['splits'].items())
   print(f'prepared {manifest["dataset"]} at {manifest["size"]} px into {flag_values.out}: {counts}')
-
-
-@contextlib.contextmanager
-def _flag_errors():
-  """Reports a bad flag or config override as one line and exits with status 2."""
-  from absl import flags
-
-  try:
-    yield
-  except (AttributeError, KeyError) as e:
-    message = f'a --config override names a field the config does not have: {e}'
-  except (flags.Error, TypeError, ValueError) as e:
-    message = ' '.join(str(e).split())
-  else:
-    return
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  from absl import flags
-
-  with _flag_errors():
-    return flags.FLAGS(argv)
 
 
 if __name__ == '__main__':
   from absl import app
 
   # Defining --config with a default file already parses it with the overrides on the command line.
-  with _flag_errors():
+  with cli.flag_errors():
     _define_flags()
-  app.run(_main, flags_parser=_parse_flags)
+  app.run(_main, flags_parser=cli.parse_flags)

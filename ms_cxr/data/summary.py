@@ -11,15 +11,14 @@ configs/densenet.py).
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from ms_cxr import cli
 from ms_cxr.data import datasets, images
 from ms_cxr.data.records import label_matrix
-from ms_cxr.errors import UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -76,12 +75,9 @@ def main(argv) -> None:
     config.data.labels = datasets.default_labels(FLAGS.dataset)
   if FLAGS.root:
     config.data.root = FLAGS.root
-  try:
+  with cli.user_errors():
     print(json.dumps(summarize(config.data, FLAGS.check_images), indent=2))
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
