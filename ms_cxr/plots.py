@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -68,27 +69,54 @@ def roc_curves(
   _save(roc_figure(probs, targets, labels, title), path)
 
 
-def roc_figure(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str], title: str = ''):
-  """One ROC panel per label: true positive rate (sensitivity) against false positive rate."""
+def _curve_panels(
+  probs: np.ndarray,
+  targets: np.ndarray,
+  labels: Sequence[str],
+  draw: Callable[[Any, np.ndarray, np.ndarray], str],
+  *,
+  xlabel: str,
+  ylabel: str,
+  title: str,
+):
+  """One panel per label: `draw(ax, y_true, scores)` plots a label with both classes present and returns the
+  panel's figure of merit (shown under the label); a label with one class gets an empty panel saying so."""
   fig, axes = _grid(len(labels))
   for k, (ax, label) in enumerate(zip(axes, labels, strict=False)):
     known = _known(probs[:, k], targets[:, k])
-    ax.plot([0, 1], [0, 1], color='0.7', linestyle='--', linewidth=0.8)
     if known is None:
       _one_class(ax)
       ax.set_title(label, fontsize=9)
     else:
-      fpr, tpr, _ = sk_metrics.roc_curve(known[1], known[0])
-      ax.plot(fpr, tpr, linewidth=1.4)
-      ax.set_title(f'{label}\nAUROC {sk_metrics.auc(fpr, tpr):.3f}', fontsize=9)
+      ax.set_title(f'{label}\n{draw(ax, known[1], known[0])}', fontsize=9)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
-    ax.set_xlabel('False positive rate (1 - specificity)', fontsize=7)
-    ax.set_ylabel('True positive rate (sensitivity)', fontsize=7)
+    ax.set_xlabel(xlabel, fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=7)
     ax.tick_params(labelsize=7)
-  fig.suptitle(title or 'ROC curves', fontsize=11)
+  fig.suptitle(title, fontsize=11)
   fig.tight_layout()
   return fig
+
+
+def roc_figure(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str], title: str = ''):
+  """One ROC panel per label: true positive rate (sensitivity) against false positive rate."""
+
+  def draw(ax, y: np.ndarray, scores: np.ndarray) -> str:
+    ax.plot([0, 1], [0, 1], color='0.7', linestyle='--', linewidth=0.8)
+    fpr, tpr, _ = sk_metrics.roc_curve(y, scores)
+    ax.plot(fpr, tpr, linewidth=1.4)
+    return f'AUROC {sk_metrics.auc(fpr, tpr):.3f}'
+
+  return _curve_panels(
+    probs,
+    targets,
+    labels,
+    draw,
+    xlabel='False positive rate (1 - specificity)',
+    ylabel='True positive rate (sensitivity)',
+    title=title or 'ROC curves',
+  )
 
 
 def pr_curves(
@@ -100,27 +128,24 @@ def pr_curves(
 
 def pr_figure(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str], title: str = ''):
   """One precision-recall panel per label, with the label's prevalence as the chance line."""
-  fig, axes = _grid(len(labels))
-  for k, (ax, label) in enumerate(zip(axes, labels, strict=False)):
-    known = _known(probs[:, k], targets[:, k])
-    if known is None:
-      _one_class(ax)
-      ax.set_title(label, fontsize=9)
-    else:
-      precision, recall, _ = sk_metrics.precision_recall_curve(known[1], known[0])
-      prevalence = float(np.mean(known[1]))
-      ax.axhline(prevalence, color='0.7', linestyle='--', linewidth=0.8)
-      ax.step(recall, precision, where='post', linewidth=1.4)
-      ap = sk_metrics.average_precision_score(known[1], known[0])
-      ax.set_title(f'{label}\nAP {ap:.3f} (prevalence {prevalence:.3f})', fontsize=9)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel('Recall (sensitivity)', fontsize=7)
-    ax.set_ylabel('Precision (PPV)', fontsize=7)
-    ax.tick_params(labelsize=7)
-  fig.suptitle(title or 'Precision-recall curves', fontsize=11)
-  fig.tight_layout()
-  return fig
+
+  def draw(ax, y: np.ndarray, scores: np.ndarray) -> str:
+    precision, recall, _ = sk_metrics.precision_recall_curve(y, scores)
+    prevalence = float(np.mean(y))
+    ax.axhline(prevalence, color='0.7', linestyle='--', linewidth=0.8)
+    ax.step(recall, precision, where='post', linewidth=1.4)
+    ap = sk_metrics.average_precision_score(y, scores)
+    return f'AP {ap:.3f} (prevalence {prevalence:.3f})'
+
+  return _curve_panels(
+    probs,
+    targets,
+    labels,
+    draw,
+    xlabel='Recall (sensitivity)',
+    ylabel='Precision (PPV)',
+    title=title or 'Precision-recall curves',
+  )
 
 
 def reliability_diagram(

@@ -218,24 +218,24 @@ def test_compare_writes_the_delong_table(tmp_path):
 # --- a whole evaluation ---------------------------------------------------------------------------
 
 
+def _run_module(module: str, *args: str) -> None:
+  """`python -m module args` from the checkout; it must succeed."""
+  result = subprocess.run(
+    [sys.executable, '-m', module, *args], cwd=REPO, capture_output=True, text=True
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.fixture(scope='module')
 def msanet_run(tmp_path_factory):
   """The MS-ANet smoke run on the synthetic set (ChestX-ray14 label names), trained and evaluated."""
   workdir = tmp_path_factory.mktemp('runs') / 'msanet'
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'ms_cxr.main',
-      '--config=configs/msanet.py:dataset=synthetic,smoke',
-      f'--workdir={workdir}',
-      '--mode=train_and_evaluate',
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
+  _run_module(
+    'ms_cxr.main',
+    '--config=configs/msanet.py:dataset=synthetic,smoke',
+    f'--workdir={workdir}',
+    '--mode=train_and_evaluate',
   )
-  assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 
 
@@ -275,19 +275,7 @@ def test_msanet_smoke_run_writes_every_report_file(msanet_run):
   assert list(maps['labels']) == saved['labels']
 
   # The standalone command re-evaluates the same checkpoint into another folder: identical metrics.
-  again = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'ms_cxr.evaluate',
-      f'--workdir={workdir}',
-      '--config.eval.name=again',
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-  )
-  assert again.returncode == 0, again.stderr[-3000:]
+  _run_module('ms_cxr.evaluate', f'--workdir={workdir}', '--config.eval.name=again')
   assert (workdir / 'eval' / 'again' / 'metrics.json').read_bytes() == (
     out / 'metrics.json'
   ).read_bytes()
@@ -319,24 +307,16 @@ def _vindr_kaggle_root(root, num_images: int):
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason='real test data not found beside the checkout')
 def test_external_validation_on_vindr_writes_the_label_mapping(msanet_run, tmp_path):
   root = _vindr_kaggle_root(tmp_path / 'vindr', num_images=12)
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'ms_cxr.evaluate',
-      f'--workdir={msanet_run}',
-      '--config.data.dataset=vindr',
-      f'--config.data.root={root}',
-      '--config.data.vindr.label_space=nih',
-      '--config.eval.split=train',
-      '--config.eval.val_thresholds=False',
-      '--config.eval.name=vindr_external',
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
+  _run_module(
+    'ms_cxr.evaluate',
+    f'--workdir={msanet_run}',
+    '--config.data.dataset=vindr',
+    f'--config.data.root={root}',
+    '--config.data.vindr.label_space=nih',
+    '--config.eval.split=train',
+    '--config.eval.val_thresholds=False',
+    '--config.eval.name=vindr_external',
   )
-  assert result.returncode == 0, result.stderr[-3000:]
   saved = json.loads((msanet_run / 'eval' / 'vindr_external' / 'metrics.json').read_text())
   assert saved['dataset'] == 'vindr'
   mapping = saved['label_mapping']
