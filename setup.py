@@ -28,6 +28,6 @@ setuptools.setup(
     'tensorflow-datasets>=4.9.7',
   ],
   extras_require={
-    'test': ['pytest>=8.0', 'ruff>=0.6'],
+    'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'ruff>=0.6'],
   },
 )

@@ -25,12 +25,18 @@ def smoke_config():
 
 @pytest.fixture(scope='session', autouse=os.environ.get('MS_CXR_TEST_CACHE', '1') == '1')
 def compilation_cache(tmp_path_factory):
-  """Many tests compile the same tiny programs: a session-wide persistent cache compiles each once."""
+  """Many tests compile the same tiny programs: a session-wide persistent cache compiles each once, here and
+  in the runs tests start as subprocesses (`python -m ms_cxr.main ...`), which inherit it through the
+  environment."""
   import jax
 
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
+  cache = str(tmp_path_factory.mktemp('jax_cache'))
+  jax.config.update('jax_compilation_cache_dir', cache)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', cache)
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 
 
 def new_train_state(config, num_labels, sizes):
