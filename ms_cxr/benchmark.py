@@ -387,22 +387,12 @@ def _device_memory(device: Any) -> Record:
 
 
 def _xla_memory(compiled: Any) -> Record:
-  names = ('argument', 'output', 'temp', 'alias')
-  figures: Record = {f'xla_{name}_bytes': None for name in (*names, 'peak')}
-  analysis = None
-  with contextlib.suppress(Exception):  # not every backend has a memory analysis
-    analysis = compiled.memory_analysis()
-  if analysis is None:
-    return figures
-  for name in names:
-    figures[f'xla_{name}_bytes'] = int(getattr(analysis, f'{name}_size_in_bytes'))
-  figures['xla_peak_bytes'] = (
-    figures['xla_argument_bytes']
-    + figures['xla_output_bytes']
-    + figures['xla_temp_bytes']
-    - figures['xla_alias_bytes']
-  )
-  return figures
+  """XLA's memory analysis of the compiled step as `xla_*_bytes` (all None where the backend has none)."""
+  from ms_cxr import train
+
+  names = ('argument', 'output', 'temp', 'alias', 'peak')
+  figures = (train.compiled_memory(compiled) if compiled is not None else None) or {}
+  return {f'xla_{name}_bytes': figures.get(f'{name}_bytes') for name in names}
 
 
 def _cpu_seconds(children: Sequence[int] = ()) -> float:

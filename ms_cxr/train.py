@@ -382,20 +382,29 @@ def train_step_memory(config: ml_collections.ConfigDict, size_px: int) -> dict[s
     ),
     donate_state=True,
   )
-  analysis = step.lower(state, batch).compile().memory_analysis()
-  figures = {
-    'argument_bytes': analysis.argument_size_in_bytes,
-    'output_bytes': analysis.output_size_in_bytes,
-    'temp_bytes': analysis.temp_size_in_bytes,
-    'alias_bytes': analysis.alias_size_in_bytes,
-  }
-  figures['peak_bytes'] = (
-    figures['argument_bytes']
-    + figures['output_bytes']
-    + figures['temp_bytes']
-    - figures['alias_bytes']
-  )
+  figures = compiled_memory(step.lower(state, batch).compile())
+  if figures is None:
+    raise UserError(
+      f'the {jax.default_backend()} backend gives no memory analysis of a compiled step'
+    )
   return figures
+
+
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+  """XLA's memory analysis of a compiled program in bytes (argument, output, temp, alias and
+  peak = argument + output + temp - alias), or None where the backend has none."""
+  try:
+    analysis = compiled.memory_analysis()
+  except Exception:  # backends without one raise or return None
+    return None
+  if analysis is None:
+    return None
+  figures = {
+    name: int(getattr(analysis, f'{name}_size_in_bytes'))
+    for name in ('argument', 'output', 'temp', 'alias')
+  }
+  figures['peak'] = figures['argument'] + figures['output'] + figures['temp'] - figures['alias']
+  return {f'{name}_bytes': value for name, value in figures.items()}
 
 
 TTA_VIEWS = ('hflip', 'zoom', 'shift')
