@@ -67,3 +67,39 @@ def test_remat_gives_the_same_gradients():
 
   for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat)), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pointwise_matmul_keeps_the_parameters_and_the_function():
+  """1x1 convolutions as matrix products: the same variables (names, shapes, initial values) as nn.Conv, and
+  the same logits and gradients up to float32 rounding."""
+  kwargs = dict(num_classes=3, **densenet.PRESETS['densenet_tiny'])
+  images = jnp.asarray(np.random.default_rng(2).integers(0, 256, (4, 64, 64, 1)), jnp.uint8)
+  as_conv = densenet.DenseNet(pointwise_matmul=False, **kwargs)
+  as_matmul = densenet.DenseNet(pointwise_matmul=True, **kwargs)
+  variables = as_conv.init(jax.random.key(0), images, train=False)
+  same = as_matmul.init(jax.random.key(0), images, train=False)
+  assert jax.tree.structure(same) == jax.tree.structure(variables)
+  for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(variables), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert variables['params']['transition1_conv']['kernel'].shape[:2] == (1, 1)
+
+  def logits(model, params, train):
+    return model.apply(
+      {**variables, 'params': params}, images, train=train, mutable=['batch_stats']
+    )[0]
+
+  # Training mode (batch statistics): the same logits.
+  np.testing.assert_allclose(
+    logits(as_matmul, variables['params'], True),
+    logits(as_conv, variables['params'], True),
+    rtol=1e-4,
+    atol=1e-5,
+  )
+  # Inference mode: the same loss and gradients.
+  grads = [
+    jax.value_and_grad(lambda p, m=m: jnp.sum(logits(m, p, False) ** 2))(variables['params'])
+    for m in (as_conv, as_matmul)
+  ]
+  np.testing.assert_allclose(grads[0][0], grads[1][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads[0][1]), jax.tree.leaves(grads[1][1]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))

@@ -56,6 +56,7 @@ def create_model(
     bn_momentum=model_config.bn_momentum,
     bn_epsilon=model_config.bn_epsilon,
     remat=model_config.remat,
+    pointwise_matmul=model_config.get('pointwise_matmul', True),
   )
   if model_config.name in msanet.PRESETS:
     options = model_config.msanet

@@ -165,6 +165,7 @@ class MSANet(nn.Module):
     bn_momentum: running-average momentum (Flax convention).
     bn_epsilon: BatchNorm epsilon.
     remat: rematerialise dense layers in the backward pass.
+    pointwise_matmul: 1x1 convolutions as matrix products (`densenet.PointwiseConv`).
     scales: dense blocks (1-based, strictly increasing, so finest first) whose outputs get a CAM head.
     fusion: 'learned' (per-class softmax mixing, coarse-to-fine) or 'mean'.
     attention_pooling: 'reweight' (fused map re-weights the finest features per class) or 'none' (average pooling).
@@ -183,6 +184,7 @@ class MSANet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   remat: bool = False
+  pointwise_matmul: bool = True
   scales: Sequence[int] = (2, 3, 4)
   fusion: str = 'learned'
   attention_pooling: str = 'reweight'
@@ -224,9 +226,7 @@ class MSANet(nn.Module):
       finest scale's grid.
     """
     self._check()
-    conv = functools.partial(
-      nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=nn.initializers.kaiming_normal()
-    )
+    conv = densenet.conv_factory(self.dtype, self.pointwise_matmul)
     norm = functools.partial(
       self.norm,
       use_running_average=not train,
