@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import subprocess
+import sys
 
 os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'
@@ -62,3 +64,15 @@ def compiled_train_step(dp, *, donate_state=False, accum_steps=None, **step_kwar
     **step_kwargs,
   )
   return dp.compile(step, donate_state=donate_state)
+
+
+def run_module(module: str, *args: str, timeout: float = 600, env: dict | None = None):
+  """`python -m module args` from the checkout on the CPU, output captured (a CompletedProcess)."""
+  return subprocess.run(
+    [sys.executable, '-m', module, *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})},
+  )

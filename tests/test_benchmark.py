@@ -13,7 +13,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, run_module
 from PIL import Image
 
 from ms_cxr import benchmark
@@ -70,14 +70,7 @@ needs_shared_data = pytest.mark.skipif(
 
 
 def _benchmark(*args):
-  return subprocess.run(
-    [sys.executable, '-m', 'ms_cxr.benchmark', *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
-  )
+  return run_module('ms_cxr.benchmark', *args)
 
 
 def _tiny_config(**model):

@@ -1,21 +1,13 @@
 """`python -m ms_cxr.data.summary` on label files alone."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, SHARED_DATA
+from conftest import SHARED_DATA, run_module
 
 
 def _summary(*args):
-  return subprocess.run(
-    [sys.executable, '-m', 'ms_cxr.data.summary', *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  return run_module('ms_cxr.data.summary', *args, timeout=300)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / 'nih_64px').is_dir(), reason='../shared/data is not present')

@@ -1,22 +1,13 @@
 """The command line: summary, and one-line errors with a non-zero exit for bad input."""
 
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import run_module
 
 
 def _main(*args, env=None):
-  return subprocess.run(
-    [sys.executable, '-m', 'ms_cxr.main', *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env={**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})},
-  )
+  return run_module('ms_cxr.main', *args, timeout=300, env=env)
 
 
 def _last_line(result):

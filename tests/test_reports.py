@@ -2,13 +2,11 @@
 an evaluation of a synthetic run writes."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, SHARED_DATA
+from conftest import SHARED_DATA, run_module
 from PIL import Image
 
 from configs import densenet
@@ -220,9 +218,7 @@ def test_compare_writes_the_delong_table(tmp_path):
 
 def _run_module(module: str, *args: str) -> None:
   """`python -m module args` from the checkout; it must succeed."""
-  result = subprocess.run(
-    [sys.executable, '-m', module, *args], cwd=REPO, capture_output=True, text=True
-  )
+  result = run_module(module, *args)
   assert result.returncode == 0, result.stderr[-3000:]
 
 
