@@ -89,7 +89,14 @@ def conv_factory(dtype: Any, pointwise_matmul: bool) -> ModuleDef:
 
 
 class DenseLayer(nn.Module):
-  """BN-ReLU-Conv1x1 bottleneck then BN-ReLU-Conv3x3, producing `growth_rate` new feature maps."""
+  """BN-ReLU-Conv1x1 bottleneck then BN-ReLU-Conv3x3, producing `growth_rate` new feature maps.
+
+  Called on the block's feature maps so far (the block input and each earlier layer's output), which it
+  concatenates itself. Under remat the concatenation is then recomputed with the rest of the layer: what the
+  backward pass keeps are those feature maps, shared by every later layer, so a block's activation memory grows
+  linearly with its depth rather than quadratically (Pleiss et al. 2017, "Memory-Efficient Implementation of
+  DenseNets").
+  """
 
   growth_rate: int
   bn_size: int
@@ -97,11 +104,63 @@ class DenseLayer(nn.Module):
   conv: ModuleDef
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
+    x = features[0] if len(features) == 1 else jnp.concatenate(features, axis=-1)
     y = nn.relu(self.norm(name='norm1')(x))
     y = self.conv(self.bn_size * self.growth_rate, (1, 1), name='conv1')(y)
     y = nn.relu(self.norm(name='norm2')(y))
     return self.conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
+
+
+def dense_features(
+  x: jax.Array,
+  *,
+  block_sizes: Sequence[int],
+  growth_rate: int,
+  num_init_features: int,
+  bn_size: int,
+  compression: float,
+  last_block: int,
+  norm: ModuleDef,
+  conv: ModuleDef,
+  remat: bool,
+) -> dict[int, jax.Array]:
+  """DenseNet features {block number (1-based): BN-ReLU'd block output} for blocks 1..last_block.
+
+  A block's output is the map its transition's 1x1 convolution receives (`transitionB_norm` + ReLU), or
+  `norm5` + ReLU for the last block. A function, not a module: called inside a compact method, its layers
+  become children of the caller under torchvision's names (conv0, norm0, denseblockB_denselayerL,
+  transitionB_norm/conv, norm5), so DenseNet and MS-ANet share variable paths.
+  """
+  layer_cls = nn.remat(DenseLayer) if remat else DenseLayer
+  x = conv(num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name='conv0')(x)
+  x = nn.relu(norm(name='norm0')(x))
+  x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+  outputs = {}
+  channels = num_init_features
+  for block_index in range(last_block):
+    block = f'denseblock{block_index + 1}'
+    features = [x]
+    for layer_index in range(block_sizes[block_index]):
+      layer = layer_cls(
+        growth_rate, bn_size, norm, conv, name=f'{block}_denselayer{layer_index + 1}'
+      )
+      features.append(layer(features))
+      channels += growth_rate
+    x = jnp.concatenate(features, axis=-1)
+    if block_index + 1 < len(block_sizes):
+      transition = f'transition{block_index + 1}'
+      x = nn.relu(norm(name=f'{transition}_norm')(x))
+      outputs[block_index + 1] = x
+      if block_index + 1 == last_block:
+        break  # later layers would be unused parameters
+      channels = int(channels * compression)
+      x = conv(channels, (1, 1), name=f'{transition}_conv')(x)
+      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    else:
+      outputs[block_index + 1] = nn.relu(norm(name='norm5')(x))
+  return outputs
 
 
 class DenseNet(nn.Module):
@@ -120,7 +179,8 @@ class DenseNet(nn.Module):
     axis_name: mapped axis over which training-mode BatchNorm statistics are averaged (synchronised BN).
     bn_momentum: running-average momentum (Flax convention).
     bn_epsilon: BatchNorm epsilon (torchvision: 1e-5).
-    remat: rematerialise dense layers in the backward pass (less activation memory, more compute).
+    remat: rematerialise dense layers, their input concatenation included, in the backward pass (activation
+      memory linear rather than quadratic in block depth, for one more forward pass of the dense layers).
     pointwise_matmul: 1x1 convolutions as matrix products (`PointwiseConv`; same parameters, same function).
   """
 
@@ -161,32 +221,18 @@ class DenseNet(nn.Module):
     if _is_size_specific(self.norm):
       # The input side selects the SSBN branch; it is static (part of the shape), so each size compiles apart.
       norm = functools.partial(norm, size_px=x.shape[1] if size_px is None else size_px)
-    layer_cls = nn.remat(DenseLayer) if self.remat else DenseLayer
-
-    x = normalize_images(x).astype(self.dtype)
-    x = conv(
-      self.num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name='conv0'
-    )(x)
-    x = nn.relu(norm(name='norm0')(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-
-    channels = self.num_init_features
-    for block_index, num_layers in enumerate(self.block_sizes):
-      block = f'denseblock{block_index + 1}'
-      for layer_index in range(num_layers):
-        layer = layer_cls(
-          self.growth_rate, self.bn_size, norm, conv, name=f'{block}_denselayer{layer_index + 1}'
-        )
-        x = jnp.concatenate([x, layer(x)], axis=-1)
-        channels += self.growth_rate
-      if block_index + 1 < len(self.block_sizes):
-        transition = f'transition{block_index + 1}'
-        x = nn.relu(norm(name=f'{transition}_norm')(x))
-        channels = int(channels * self.compression)
-        x = conv(channels, (1, 1), name=f'{transition}_conv')(x)
-        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-
-    x = nn.relu(norm(name='norm5')(x))
+    x = dense_features(
+      normalize_images(x).astype(self.dtype),
+      block_sizes=self.block_sizes,
+      growth_rate=self.growth_rate,
+      num_init_features=self.num_init_features,
+      bn_size=self.bn_size,
+      compression=self.compression,
+      last_block=len(self.block_sizes),
+      norm=norm,
+      conv=conv,
+      remat=self.remat,
+    )[len(self.block_sizes)]
     classifier = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')
     logits = classifier(jnp.mean(x, axis=(1, 2))).astype(jnp.float32)
     if return_cam:

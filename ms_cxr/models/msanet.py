@@ -71,52 +71,6 @@ PRESETS = {
 }
 
 
-def _dense_block_outputs(
-  x: jax.Array,
-  *,
-  block_sizes: Sequence[int],
-  growth_rate: int,
-  num_init_features: int,
-  bn_size: int,
-  compression: float,
-  last_block: int,
-  norm: ModuleDef,
-  conv: ModuleDef,
-  layer_cls: ModuleDef,
-) -> dict[int, jax.Array]:
-  """DenseNet features {block number (1-based): BN-ReLU'd block output} for blocks 1..last_block.
-
-  A function, not a module: called inside a compact method, its layers become children of the caller under
-  `densenet.DenseNet`'s names, so the two models' variables share paths.
-  """
-  x = conv(num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name='conv0')(x)
-  x = nn.relu(norm(name='norm0')(x))
-  x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-
-  outputs = {}
-  channels = num_init_features
-  for block_index in range(last_block):
-    block = f'denseblock{block_index + 1}'
-    for layer_index in range(block_sizes[block_index]):
-      layer = layer_cls(
-        growth_rate, bn_size, norm, conv, name=f'{block}_denselayer{layer_index + 1}'
-      )
-      x = jnp.concatenate([x, layer(x)], axis=-1)
-      channels += growth_rate
-    if block_index + 1 < len(block_sizes):
-      transition = f'transition{block_index + 1}'
-      x = nn.relu(norm(name=f'{transition}_norm')(x))
-      outputs[block_index + 1] = x
-      if block_index + 1 == last_block:
-        break  # later layers would be unused parameters
-      channels = int(channels * compression)
-      x = conv(channels, (1, 1), name=f'{transition}_conv')(x)
-      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-    else:
-      outputs[block_index + 1] = nn.relu(norm(name='norm5')(x))
-  return outputs
-
-
 class CAMHead(nn.Module):
   """A 1x1-conv classifier that returns class activation maps and the logits they pool to.
 
@@ -239,7 +193,7 @@ class MSANet(nn.Module):
     if densenet._is_size_specific(self.norm):
       norm = functools.partial(norm, size_px=images.shape[1] if size_px is None else size_px)
 
-    blocks = _dense_block_outputs(
+    blocks = densenet.dense_features(
       densenet.normalize_images(images).astype(self.dtype),
       block_sizes=self.block_sizes,
       growth_rate=self.growth_rate,
@@ -249,7 +203,7 @@ class MSANet(nn.Module):
       last_block=self.scales[-1],
       norm=norm,
       conv=conv,
-      layer_cls=nn.remat(densenet.DenseLayer) if self.remat else densenet.DenseLayer,
+      remat=self.remat,
     )
     features = [blocks[b].astype(jnp.float32) for b in self.scales]
     heads = [
