@@ -112,26 +112,6 @@ class DenseLayer(nn.Module):
     return self.conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
 
 
-def stem_max_pool(x: jax.Array) -> jax.Array:
-  """torchvision's stem pooling, 3x3 windows, stride 2, padding 1, as the maximum of nine strided slices.
-
-  DenseNet pools after ReLU; the caller applies ReLU after this pool instead (the two commute, ReLU being
-  monotonic), so the pool sees no ties among ReLU's zeros, and the slices' elementwise maximum has
-  reduce-window's gradient: all of a window's gradient goes to its maximum. On XLA:CPU this is 3.5x faster
-  forward and backward than `nn.max_pool`, whose gradient tracks argmax indices (DenseNet-121, [8, 112, 112, 64]:
-  31-48 vs 167-192 ms on a 2-core CPU).
-  """
-  _, height, width, _ = x.shape
-  out_h, out_w = (height - 1) // 2 + 1, (width - 1) // 2 + 1
-  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  taps = [
-    x[:, dh : dh + 2 * out_h - 1 : 2, dw : dw + 2 * out_w - 1 : 2]
-    for dh in range(3)
-    for dw in range(3)
-  ]
-  return functools.reduce(jnp.maximum, taps)
-
-
 def dense_features(
   x: jax.Array,
   *,
@@ -154,7 +134,8 @@ def dense_features(
   """
   layer_cls = nn.remat(DenseLayer) if remat else DenseLayer
   x = conv(num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name='conv0')(x)
-  x = nn.relu(stem_max_pool(norm(name='norm0')(x)))
+  x = nn.relu(norm(name='norm0')(x))
+  x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
   outputs = {}
   channels = num_init_features
