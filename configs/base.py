@@ -86,6 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.remat = False  # rematerialise dense layers: less activation memory, ~30% more compute
   # 1x1 convolutions as matrix products (same parameters and function; faster on XLA:CPU, see PointwiseConv).
   model.pointwise_matmul = True
+  # 3x3 convolutions' kernel gradients as one matrix product (same parameters and function; see SameConv).
+  model.kernel_grad_matmul = True
 
   # --- optimizer ----------------------------------------------------------------------------------
   config.optim = optim = ml_collections.ConfigDict()

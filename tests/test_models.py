@@ -1,8 +1,10 @@
 """DenseNet: parameter counts of the published architecture, dtypes, input normalisation."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ms_cxr.models import densenet
 
@@ -69,13 +71,34 @@ def test_remat_gives_the_same_gradients():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_pointwise_matmul_keeps_the_parameters_and_the_function():
-  """1x1 convolutions as matrix products: the same variables (names, shapes, initial values) as nn.Conv, and
-  the same logits and gradients up to float32 rounding."""
+def _module_types(model, images):
+  """The classes of the modules `model.init` calls."""
+  seen = set()
+
+  def record(next_fun, args, kwargs, context):
+    seen.add(type(context.module))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.init(jax.random.key(0), images, train=False)
+  return seen
+
+
+@pytest.mark.parametrize(
+  'fast', [dict(pointwise_matmul=True), dict(kernel_grad_matmul=True)], ids=lambda f: next(iter(f))
+)
+def test_convolution_fast_paths_keep_the_parameters_and_the_function(fast):
+  """1x1 convolutions as matrix products, 3x3 ones with their kernel gradient as one matrix product: the same
+  variables (names, shapes, initial values) as nn.Conv, and the same logits and gradients up to float32
+  rounding."""
   kwargs = dict(num_classes=3, **densenet.PRESETS['densenet_tiny'])
   images = jnp.asarray(np.random.default_rng(2).integers(0, 256, (4, 64, 64, 1)), jnp.uint8)
-  as_conv = densenet.DenseNet(pointwise_matmul=False, **kwargs)
-  as_matmul = densenet.DenseNet(pointwise_matmul=True, **kwargs)
+  plain = dict(pointwise_matmul=False, kernel_grad_matmul=False)
+  as_conv = densenet.DenseNet(**plain, **kwargs)
+  as_matmul = densenet.DenseNet(**{**plain, **fast}, **kwargs)
+  fast_module = densenet.PointwiseConv if 'pointwise_matmul' in fast else densenet.SameConv
+  assert fast_module in _module_types(as_matmul, images)
+  assert fast_module not in _module_types(as_conv, images)
   variables = as_conv.init(jax.random.key(0), images, train=False)
   same = as_matmul.init(jax.random.key(0), images, train=False)
   assert jax.tree.structure(same) == jax.tree.structure(variables)

@@ -57,6 +57,7 @@ def create_model(
     bn_epsilon=model_config.bn_epsilon,
     remat=model_config.remat,
     pointwise_matmul=model_config.get('pointwise_matmul', True),
+    kernel_grad_matmul=model_config.get('kernel_grad_matmul', True),
   )
   if model_config.name in msanet.PRESETS:
     options = model_config.msanet

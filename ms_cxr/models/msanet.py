@@ -120,6 +120,7 @@ class MSANet(nn.Module):
     bn_epsilon: BatchNorm epsilon.
     remat: rematerialise dense layers in the backward pass.
     pointwise_matmul: 1x1 convolutions as matrix products (`densenet.PointwiseConv`).
+    kernel_grad_matmul: 3x3 convolutions' kernel gradients as one matrix product (`densenet.SameConv`).
     scales: dense blocks (1-based, strictly increasing, so finest first) whose outputs get a CAM head.
     fusion: 'learned' (per-class softmax mixing, coarse-to-fine) or 'mean'.
     attention_pooling: 'reweight' (fused map re-weights the finest features per class) or 'none' (average pooling).
@@ -139,6 +140,7 @@ class MSANet(nn.Module):
   bn_epsilon: float = 1e-5
   remat: bool = False
   pointwise_matmul: bool = True
+  kernel_grad_matmul: bool = True
   scales: Sequence[int] = (2, 3, 4)
   fusion: str = 'learned'
   attention_pooling: str = 'reweight'
@@ -180,7 +182,7 @@ class MSANet(nn.Module):
       finest scale's grid.
     """
     self._check()
-    conv = densenet.conv_factory(self.dtype, self.pointwise_matmul)
+    conv = densenet.conv_factory(self.dtype, self.pointwise_matmul, self.kernel_grad_matmul)
     norm = functools.partial(
       self.norm,
       use_running_average=not train,
