@@ -4,7 +4,7 @@
 # pointing-game hit rate / IoU of each model's fused attention maps against the synthetic findings' boxes.
 # Heatmap overlays land in OUT_DIR/*/eval/test/heatmaps/.
 #
-#   bash launch/msanet_cpu_experiment.sh [OUT_DIR]      (about 25 minutes on 2 cores)
+#   bash launch/msanet_cpu_experiment.sh [OUT_DIR]      (about 4 minutes on 2 cores)
 set -euo pipefail
 out=${1:-runs/msanet_cpu}
 for weight in 1.0 0.0; do
