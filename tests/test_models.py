@@ -85,6 +85,40 @@ def _module_types(model, images):
 
 
 @pytest.mark.parametrize(
+  'shape, window, strides, padding',
+  [
+    ((2, 9, 10, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((1, 8, 8, 2), (2, 3), (1, 2), ((0, 1), (1, 1))),
+  ],
+)
+def test_max_pool_matches_flax_values_and_gradients(shape, window, strides, padding):
+  x = jax.random.normal(jax.random.key(0), shape)  # no ties
+  weights = jax.random.normal(jax.random.key(1), nn.max_pool(x, window, strides, padding).shape)
+
+  def loss(pool):
+    return lambda v: jnp.sum(pool(v) * weights)
+
+  ours = lambda v: densenet.max_pool(v, window, strides, padding)  # noqa: E731
+  theirs = lambda v: nn.max_pool(v, window, strides=strides, padding=padding)  # noqa: E731
+  np.testing.assert_array_equal(ours(x), theirs(x))
+  np.testing.assert_allclose(jax.grad(loss(ours))(x), jax.grad(loss(theirs))(x), rtol=1e-6)
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window():
+  """Ties (the stem pools ReLU outputs, so zeros tie) send the gradient to the first maximum in row-major window
+  order, as torch's MaxPool2d does: overlapping windows here each pick their own first maximum."""
+  x = jnp.array([[5.0, 5.0, 1.0], [5.0, 2.0, 5.0], [1.0, 5.0, 5.0]]).reshape(1, 3, 3, 1)
+  y, vjp = jax.vjp(lambda v: densenet.max_pool(v, (2, 2), (1, 1), ((0, 0), (0, 0))), x)
+  np.testing.assert_array_equal(y[0, :, :, 0], [[5.0, 5.0], [5.0, 5.0]])
+  (dx,) = vjp(jnp.array([1.0, 10.0, 100.0, 1000.0]).reshape(1, 2, 2, 1))
+  # Windows (row-major): top-left and bottom-left pick (0, 0) and (1, 0); top-right picks (0, 1); bottom-right
+  # picks (1, 2).
+  np.testing.assert_array_equal(
+    dx[0, :, :, 0], [[1.0, 10.0, 0.0], [100.0, 0.0, 1000.0], [0.0, 0.0, 0.0]]
+  )
+
+
+@pytest.mark.parametrize(
   'fast', [dict(pointwise_matmul=True), dict(kernel_grad_matmul=True)], ids=lambda f: next(iter(f))
 )
 def test_convolution_fast_paths_keep_the_parameters_and_the_function(fast):

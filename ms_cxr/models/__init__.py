@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from ms_cxr.models import densenet, msanet, ssbn
+from ms_cxr.models import batchnorm, densenet, msanet, ssbn
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -42,7 +42,7 @@ def create_model(
   if model_config.dtype not in DTYPES:
     raise ValueError(f'config.model.dtype={model_config.dtype!r}; expected one of {sorted(DTYPES)}')
   if model_config.norm == 'batchnorm':
-    norm = nn.BatchNorm
+    norm = batchnorm.BatchNorm
   elif model_config.norm == 'ssbn':
     norm = functools.partial(ssbn.SSBN, sizes=tuple(sizes))
   else:

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ms_cxr.models import ssbn
+from ms_cxr.models import batchnorm, ssbn
 
 ModuleDef = Any
 
@@ -125,6 +125,72 @@ def _same_conv_bwd(residuals, dy):
 same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
 
 
+def _max_pool_forward(
+  x: jax.Array, window: tuple[int, int], strides: tuple[int, int], padding
+) -> jax.Array:
+  return jax.lax.reduce_window(
+    x,
+    jnp.array(-jnp.inf, x.dtype),
+    jax.lax.max,
+    (1, *window, 1),
+    (1, *strides, 1),
+    ((0, 0), *padding, (0, 0)),
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(
+  x: jax.Array,
+  window: tuple[int, int],
+  strides: tuple[int, int],
+  padding: tuple[tuple[int, int], tuple[int, int]],
+) -> jax.Array:
+  """Max-pooling of NHWC x over `window` with `strides`, padded with -inf (as torch's MaxPool2d and nn.max_pool).
+
+  The gradient of each output goes to the first position of its window holding the maximum (row-major order,
+  as in torch). Written out: the input gradient is the sum over window taps of the output gradient where that tap
+  is the first maximum, each spread back onto the input grid by a strided pad, which XLA fuses into one pass.
+  Left to autodiff, XLA:CPU tracked the argmax with an index array per dimension: the stem's pool (8 x 112 x 112 x
+  64) took 114 ms forward and backward, 35 ms this way.
+  """
+  return _max_pool_forward(x, window, strides, padding)
+
+
+def _max_pool_fwd(x, window, strides, padding):
+  y = _max_pool_forward(x, window, strides, padding)
+  return y, (x, y)
+
+
+def _max_pool_bwd(window, strides, padding, residuals, dy):
+  x, y = residuals
+  (pad_top, pad_bottom), (pad_left, pad_right) = padding
+  padded = jnp.pad(
+    x, ((0, 0), (pad_top, pad_bottom), (pad_left, pad_right), (0, 0)), constant_values=-jnp.inf
+  )
+  out_h, out_w = y.shape[1], y.shape[2]
+  span_h, span_w = strides[0] * (out_h - 1) + 1, strides[1] * (out_w - 1) + 1
+  zero = jnp.zeros((), dy.dtype)
+  dpadded = jnp.zeros(padded.shape, dy.dtype)
+  taken = jnp.zeros(y.shape, bool)
+  for i in range(window[0]):
+    for j in range(window[1]):
+      tap = padded[:, i : i + span_h : strides[0], j : j + span_w : strides[1]]
+      first = (tap == y) & ~taken
+      taken = taken | first
+      spread = (
+        (0, 0, 0),
+        (i, padded.shape[1] - i - span_h, strides[0] - 1),
+        (j, padded.shape[2] - j - span_w, strides[1] - 1),
+        (0, 0, 0),
+      )
+      dpadded = dpadded + jax.lax.pad(jnp.where(first, dy, zero), zero, spread)
+  height, width = x.shape[1], x.shape[2]
+  return (dpadded[:, pad_top : pad_top + height, pad_left : pad_left + width],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 class PointwiseConv(nn.Module):
   """A bias-free 1x1 convolution computed as a matrix product over channels (`pointwise_product`).
 
@@ -211,9 +277,9 @@ class DenseLayer(nn.Module):
   @nn.compact
   def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
     x = features[0] if len(features) == 1 else jnp.concatenate(features, axis=-1)
-    y = nn.relu(self.norm(name='norm1')(x))
+    y = self.norm(name='norm1', relu=True)(x)
     y = self.conv(self.bn_size * self.growth_rate, (1, 1), name='conv1')(y)
-    y = nn.relu(self.norm(name='norm2')(y))
+    y = self.norm(name='norm2', relu=True)(y)
     return self.conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
 
 
@@ -239,8 +305,8 @@ def dense_features(
   """
   layer_cls = nn.remat(DenseLayer) if remat else DenseLayer
   x = conv(num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name='conv0')(x)
-  x = nn.relu(norm(name='norm0')(x))
-  x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  x = norm(name='norm0', relu=True)(x)
+  x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
   outputs = {}
   channels = num_init_features
@@ -256,7 +322,7 @@ def dense_features(
     x = jnp.concatenate(features, axis=-1)
     if block_index + 1 < len(block_sizes):
       transition = f'transition{block_index + 1}'
-      x = nn.relu(norm(name=f'{transition}_norm')(x))
+      x = norm(name=f'{transition}_norm', relu=True)(x)
       outputs[block_index + 1] = x
       if block_index + 1 == last_block:
         break  # later layers would be unused parameters
@@ -264,7 +330,7 @@ def dense_features(
       x = conv(channels, (1, 1), name=f'{transition}_conv')(x)
       x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     else:
-      outputs[block_index + 1] = nn.relu(norm(name='norm5')(x))
+      outputs[block_index + 1] = norm(name='norm5', relu=True)(x)
   return outputs
 
 
@@ -278,8 +344,10 @@ class DenseNet(nn.Module):
     bn_size: bottleneck width as a multiple of growth_rate.
     compression: channel reduction of each transition.
     num_classes: number of labels.
-    norm: normalisation ModuleDef, called as `norm(name=...)`; receives use_running_average, momentum, epsilon,
-      dtype and axis_name, plus `size_px` for size-specific norms (SSBN).
+    norm: normalisation ModuleDef (`batchnorm.BatchNorm` or an `ssbn.SSBN` partial), called as
+      `norm(name=..., relu=True)` (every norm here is followed by a ReLU, which it applies itself);
+      receives use_running_average, momentum, epsilon, dtype and axis_name, plus `size_px` for size-specific
+      norms (SSBN).
     dtype: compute dtype; parameters stay float32.
     axis_name: mapped axis over which training-mode BatchNorm statistics are averaged (synchronised BN).
     bn_momentum: running-average momentum (Flax convention).
@@ -297,7 +365,7 @@ class DenseNet(nn.Module):
   bn_size: int = 4
   compression: float = 0.5
   num_classes: int = 14
-  norm: ModuleDef = nn.BatchNorm
+  norm: ModuleDef = batchnorm.BatchNorm
   dtype: Any = jnp.float32
   axis_name: str | None = None
   bn_momentum: float = 0.9

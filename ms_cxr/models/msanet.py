@@ -54,7 +54,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ms_cxr.models import densenet
+from ms_cxr.models import batchnorm, densenet
 
 ModuleDef = Any
 
@@ -133,7 +133,7 @@ class MSANet(nn.Module):
   bn_size: int = 4
   compression: float = 0.5
   num_classes: int = 14
-  norm: ModuleDef = nn.BatchNorm
+  norm: ModuleDef = batchnorm.BatchNorm
   dtype: Any = jnp.float32
   axis_name: str | None = None
   bn_momentum: float = 0.9

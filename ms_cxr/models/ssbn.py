@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ms_cxr.models import batchnorm
+
 PyTree = Any
 _BRANCH = re.compile(r'^ssbn_(\d+)$')
 
@@ -35,7 +37,8 @@ class SSBN(nn.Module):
   Attributes:
     sizes: every input size the network is trained for; one branch each.
     size_px: the size of the images being normalised now (selects the branch).
-    use_running_average, momentum, epsilon, dtype, axis_name: as for `flax.linen.BatchNorm`.
+    use_running_average, momentum, epsilon, dtype, axis_name, relu: as for `batchnorm.BatchNorm` (the branches;
+      their variables are `flax.linen.BatchNorm`'s).
   """
 
   sizes: Sequence[int]
@@ -45,6 +48,7 @@ class SSBN(nn.Module):
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
   axis_name: str | None = None
+  relu: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -53,12 +57,13 @@ class SSBN(nn.Module):
         f'SSBN called at size_px={self.size_px}; its branches are {tuple(self.sizes)}'
       )
     branches = {
-      size: nn.BatchNorm(
+      size: batchnorm.BatchNorm(
         use_running_average=self.use_running_average,
         momentum=self.momentum,
         epsilon=self.epsilon,
         dtype=self.dtype,
         axis_name=self.axis_name,
+        relu=self.relu,
         name=branch_name(size),
       )
       for size in self.sizes
