@@ -40,7 +40,9 @@ def normalize_relu(
   gradient (and the collective of synchronised BN) stays with autodiff outside this function.
   """
   multiplier = _multiplier(var, scale, epsilon)
-  y = (x.astype(jnp.float32) - mean) * multiplier + bias
+  # x * multiplier + shift rather than (x - mean) * multiplier + bias: the backward pass computes x - mean, and
+  # XLA would otherwise share it with the forward pass by storing it, a full-size array per BatchNorm.
+  y = x.astype(jnp.float32) * multiplier + (bias - mean * multiplier)
   return jnp.maximum(y, 0.0).astype(x.dtype)
 
 

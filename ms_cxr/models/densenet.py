@@ -177,9 +177,11 @@ def _max_pool_bwd(window, strides, padding, residuals, dy):
     i, j = taps[t]
     tap = padded[:, i : i + span_h : strides[0], j : j + span_w : strides[1]]
     first = jnp.where(tap == y, t, first)
-  # Materialised once: fused into each tap's term below, XLA:CPU recomputed the whole incoming gradient (in
-  # DenseNet, the sum over a dense block's layers) once per tap.
-  first, dy = jax.lax.optimization_barrier((first, dy))
+  # The incoming gradient, materialised by a product with the identity: otherwise XLA:CPU fuses its producer (in
+  # DenseNet, the sum over a dense block's layers) into every tap's term below and computes it once per tap.
+  dy = jax.lax.dot_general(
+    dy, jnp.eye(dy.shape[-1], dtype=dy.dtype), (((dy.ndim - 1,), (0,)), ((), ()))
+  )
   zero = jnp.zeros((), dy.dtype)
   dpadded = jnp.zeros(padded.shape, dy.dtype)
   for t, (i, j) in enumerate(taps):
