@@ -54,11 +54,12 @@ def _normalize_relu_bwd(epsilon, residuals, dz):
   x, mean, var, scale, bias = residuals
   rstd = jax.lax.rsqrt(var + epsilon)
   multiplier = rstd * scale
-  centred = x.astype(jnp.float32) - mean
-  dy = jnp.where(centred * multiplier + bias > 0.0, dz.astype(jnp.float32), 0.0)
+  x32 = x.astype(jnp.float32)
+  # The ReLU's mask and the two sums without x - mean as a full-size array: XLA would store it between its users.
+  dy = jnp.where(x32 * multiplier > mean * multiplier - bias, dz.astype(jnp.float32), 0.0)
   axes = tuple(range(x.ndim - 1))
   sum_dy = jnp.sum(dy, axis=axes)
-  sum_dy_centred = jnp.sum(dy * centred, axis=axes)
+  sum_dy_centred = jnp.sum(dy * x32, axis=axes) - mean * sum_dy
   dx = (dy * multiplier).astype(x.dtype)
   dmean = -sum_dy * multiplier
   dvar = -0.5 * sum_dy_centred * scale * rstd**3
