@@ -312,6 +312,8 @@ def dense_features(
   transitionB_norm/conv, norm5), so DenseNet and MS-ANet share variable paths.
   """
   layer_cls = nn.remat(DenseLayer) if remat else DenseLayer
+  # Rematerialised layers leave BatchNorm+ReLU to autodiff (batchnorm.BatchNorm.custom_gradient).
+  layer_norm = functools.partial(norm, custom_gradient=False) if remat else norm
   x = conv(num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name='conv0')(x)
   x = norm(name='norm0', relu=True)(x)
   x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
@@ -323,7 +325,7 @@ def dense_features(
     features = [x]
     for layer_index in range(block_sizes[block_index]):
       layer = layer_cls(
-        growth_rate, bn_size, norm, conv, name=f'{block}_denselayer{layer_index + 1}'
+        growth_rate, bn_size, layer_norm, conv, name=f'{block}_denselayer{layer_index + 1}'
       )
       features.append(layer(features))
       channels += growth_rate

@@ -37,8 +37,8 @@ class SSBN(nn.Module):
   Attributes:
     sizes: every input size the network is trained for; one branch each.
     size_px: the size of the images being normalised now (selects the branch).
-    use_running_average, momentum, epsilon, dtype, axis_name, relu: as for `batchnorm.BatchNorm` (the branches;
-      their variables are `flax.linen.BatchNorm`'s).
+    use_running_average, momentum, epsilon, dtype, axis_name, relu, custom_gradient: as for
+      `batchnorm.BatchNorm` (the branches; their variables are `flax.linen.BatchNorm`'s).
   """
 
   sizes: Sequence[int]
@@ -49,6 +49,7 @@ class SSBN(nn.Module):
   dtype: Any = jnp.float32
   axis_name: str | None = None
   relu: bool = False
+  custom_gradient: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -64,6 +65,7 @@ class SSBN(nn.Module):
         dtype=self.dtype,
         axis_name=self.axis_name,
         relu=self.relu,
+        custom_gradient=self.custom_gradient,
         name=branch_name(size),
       )
       for size in self.sizes
