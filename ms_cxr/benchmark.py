@@ -53,13 +53,16 @@ step: `xla_argument_bytes`, `xla_output_bytes`, `xla_temp_bytes`, `xla_alias_byt
 
 Every line also records the device kind and count, library versions, CPU count and affinity, thread settings (the
 thread-related environment variables; XLA's CPU backend runs one intra-op thread per CPU in the affinity mask),
-the load average before and after the setting, and a UTC timestamp.
+the host allocator's settings (`host_memory`: GLIBC_TUNABLES and the kernel's transparent-huge-page mode; the
+command re-executes itself with huge pages where they help, see ms_cxr/hugepages.py), the load average before
+and after the setting, and a UTC timestamp.
 
 Reference (`--torch`, or `--reference=torchvision`; train and eval): if torch and torchvision import, the same step
 of torchvision's DenseNet (same blocks as the configured preset, same batch, size, number of labels and optimizer,
 BCE with logits, `model.remat` as `memory_efficient`; `--channels_last` for the NHWC memory format) runs with
-`torch.set_num_threads` set to XLA's thread count, its repeats alternating with the JAX step's, and a final line per
-size gives `jax_over_torch`, the ratio of the median images/s. Without torch a one-line note on stderr says how to
+`torch.set_num_threads` set to XLA's thread count, its repeats alternating with the JAX step's (each repeat after
+one untimed step, as the other framework ran last and took the host memory), and a final line per size gives
+`jax_over_torch`, the ratio of the median images/s. Without torch a one-line note on stderr says how to
 install it, and the JAX figures are printed alone. Both run in one process, so each one's host memory figures
 include what the other holds. See ms_cxr/benchmark_torch.py.
 
@@ -92,7 +95,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from ms_cxr import cli
+from ms_cxr import cli, hugepages
 from ms_cxr.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -293,6 +296,11 @@ def environment(devices: Sequence[Any] | None = None) -> Record:
     threads={
       'xla_cpu_threads': _cpu_affinity(),
       **{name: os.environ.get(name) for name in THREAD_VARIABLES},
+    },
+    # Host allocator: transparent huge pages change XLA:CPU step times by ~20% (ms_cxr/hugepages.py).
+    host_memory={
+      'GLIBC_TUNABLES': os.environ.get('GLIBC_TUNABLES'),
+      'transparent_hugepages': hugepages.thp_mode(),
     },
   )
   return env
@@ -612,11 +620,14 @@ def _step_benchmark(config: ml_collections.ConfigDict, options: Options, emit: E
     seconds, reference_seconds, cpu, reference_cpu = [], [], [], []
     for _ in range(options.repeats):  # alternating, so both see the same load on a shared machine
       with memory.sampling():
+        if reference is not None:
+          runner.run(1)  # untimed: the other step ran last and took the memory (and the huge pages)
         start = _cpu_seconds()
         seconds.append(runner.run(options.steps))
         cpu.append(_cpu_seconds() - start)
       if reference is not None:
         with reference_memory.sampling():
+          reference.run(1)
           start = _cpu_seconds()
           reference_seconds.append(reference.run(options.steps))
           reference_cpu.append(_cpu_seconds() - start)
@@ -1064,6 +1075,8 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   from absl import app
+
+  hugepages.reexec_with_huge_pages()
 
   # Defining --config with a default file already parses it with the overrides on the command line.
   with cli.flag_errors():

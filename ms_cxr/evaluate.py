@@ -705,5 +705,9 @@ def _define_flags(argv: list[str]) -> None:
 if __name__ == '__main__':
   from absl import app
 
+  from ms_cxr import hugepages
+
+  hugepages.reexec_with_huge_pages()
+
   _define_flags(sys.argv)
   app.run(_main, flags_parser=cli.parse_flags)

@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ms_cxr import cli, distributed, evaluate, models, train
+from ms_cxr import cli, distributed, evaluate, hugepages, models, train
 from ms_cxr.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -145,4 +145,5 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+  hugepages.reexec_with_huge_pages()
   app.run(main, flags_parser=cli.parse_flags)

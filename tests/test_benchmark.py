@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from conftest import REPO, SHARED_DATA, run_module
 from PIL import Image
 
-from ms_cxr import benchmark
+from ms_cxr import benchmark, hugepages
 from ms_cxr.errors import UserError
 
 TINY = ('--config.model.name=densenet_tiny', '--sizes=32', '--batch=4', '--steps=2', '--warmup=1')
@@ -58,6 +59,7 @@ STEP_KEYS = {
   'cpu_count',
   'cpu_affinity',
   'threads',
+  'host_memory',
   'load_average_start',
   'load_average_end',
   'timestamp',
@@ -104,6 +106,13 @@ def _check_environment(record):
   assert record['cpu_count'] == os.cpu_count()
   assert 1 <= record['cpu_affinity'] <= os.cpu_count()
   assert record['threads']['xla_cpu_threads'] == record['cpu_affinity']
+  # The command re-executed itself with glibc's huge-page tunable where that applies (ms_cxr/hugepages.py).
+  assert record['host_memory']['transparent_hugepages'] == hugepages.thp_mode()
+  tunables = record['host_memory']['GLIBC_TUNABLES'] or ''
+  if hugepages.why_not(os.environ, platform.libc_ver(), hugepages.thp_mode()) is None:
+    assert 'glibc.malloc.hugetlb=1' in tunables
+  else:
+    assert tunables == os.environ.get('GLIBC_TUNABLES', '')
   assert len(record['load_average_start']) == len(record['load_average_end']) == 3
   stamp = datetime.datetime.fromisoformat(record['timestamp'])
   assert stamp.tzinfo is not None
