@@ -121,3 +121,37 @@ def test_bfloat16_output_with_float32_statistics():
     x.astype(jnp.bfloat16)
   )
   assert dx.dtype == jnp.bfloat16
+
+
+class _GivenMoments(nn.Module):
+  """_Ours, handed x's moments computed per part (the first 3 channels, the rest) and concatenated."""
+
+  @nn.compact
+  def __call__(self, x):
+    parts = jnp.split(x, [3], axis=-1)
+    moments = jnp.concatenate([batchnorm.moments(p) for p in parts], axis=-1)
+    return batchnorm.BatchNorm(momentum=0.9, epsilon=1e-5, relu=True)(x, moments)
+
+
+def test_given_moments_are_used_as_the_batch_statistics():
+  """`moments` from the caller give exactly what BatchNorm computes itself: outputs, running-statistics updates
+  and gradients (through the moments to x). A wrong shape is an error."""
+  x, weights = _inputs()
+  variables = _trained_variables(_Ours(relu=True), x)
+
+  def run(module):
+    def f(params, x):
+      y, updates = module.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+      return jnp.sum(y * weights), updates
+
+    return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(variables['params'], x)
+
+  (value, updates), grads = run(_GivenMoments())
+  (ref_value, ref_updates), ref_grads = run(_Ours(relu=True))
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+  for a, b in zip(
+    jax.tree.leaves((updates, grads)), jax.tree.leaves((ref_updates, ref_grads)), strict=True
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
+  with pytest.raises(ValueError, match=r'expected \(2, 7\)'):
+    batchnorm.BatchNorm().init(jax.random.key(0), x, jnp.zeros((2, 6)))

@@ -1,4 +1,6 @@
-"""DenseNet: parameter counts of the published architecture, dtypes, input normalisation."""
+"""DenseNet: parameter counts of the published architecture, dtypes, input normalisation, the fast paths."""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -6,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ms_cxr.models import densenet
+from ms_cxr.models import batchnorm, densenet
 
 
 def _variables(model, size=64):
@@ -165,3 +167,80 @@ def test_convolution_fast_paths_keep_the_parameters_and_the_function(fast):
   np.testing.assert_allclose(grads[0][0], grads[1][0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grads[0][1]), jax.tree.leaves(grads[1][1]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize('size', [8, 30], ids=['taps', 'convolution'])
+def test_same_conv_matches_the_convolution_with_its_gradients(size):
+  """`same_conv` (on the CPU: one product over all taps then shifted sums up to 28 x 28 px, XLA's convolution
+  above; the gradients as products with the tap-shifted output gradient) against lax.conv_general_dilated."""
+  x = jax.random.normal(jax.random.key(0), (2, size, size + 1, 5))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 5, 4))
+  weights = jax.random.normal(jax.random.key(2), (2, size, size + 1, 4))
+
+  def reference(x, kernel):
+    return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+
+  def loss(conv):
+    return jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(conv(x, k) * weights), argnums=(0, 1)))
+
+  np.testing.assert_allclose(
+    densenet.same_conv(x, kernel), reference(x, kernel), rtol=1e-5, atol=1e-5
+  )
+  (value, grads), (ref_value, ref_grads) = (
+    loss(densenet.same_conv)(x, kernel),
+    loss(reference)(x, kernel),
+  )
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for a, b in zip(grads, ref_grads, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+
+
+class _Features(nn.Module):
+  """`densenet.dense_features` in training mode, with each feature map's batch moments shared or not."""
+
+  shared_moments: bool
+
+  @nn.compact
+  def __call__(self, x):
+    norm = functools.partial(batchnorm.BatchNorm, use_running_average=False)
+    return densenet.dense_features(
+      x,
+      block_sizes=(3, 2),
+      growth_rate=4,
+      num_init_features=6,
+      bn_size=2,
+      compression=0.5,
+      last_block=2,
+      norm=norm,
+      conv=densenet.conv_factory(jnp.float32, True, True),
+      remat=False,
+      moments=densenet.block_moments(True, None) if self.shared_moments else None,
+    )
+
+
+def test_shared_feature_moments_give_the_same_function_statistics_and_gradients():
+  """Each feature map's batch moments computed once and handed to every later BatchNorm over it: the same
+  outputs, running-statistics updates and gradients as every BatchNorm reducing over its whole input."""
+  x = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
+  shared, alone = _Features(True), _Features(False)
+  variables = alone.init(jax.random.key(1), x)
+
+  def run(model):
+    def f(params, x):
+      out, updates = model.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+      return sum(jnp.sum(jnp.sin(v)) for v in out.values()), updates
+
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(variables['params'], x)
+
+  (value, updates), grads = run(shared)
+  (ref_value, ref_updates), ref_grads = run(alone)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(ref_updates), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Up to float32 rounding, relative to the largest gradient: norm0's scale gradient nearly cancels (3e-4 where
+  # others reach 40), so its own relative error is large for the same absolute rounding.
+  largest = max(float(np.abs(b).max()) for b in jax.tree.leaves(ref_grads))
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * largest)

@@ -20,6 +20,40 @@ import jax
 import jax.numpy as jnp
 
 
+def moments(x: jax.Array, axis_name: str | None = None) -> jax.Array:
+  """[2, channels] float32: the mean and the mean of squares of x over all axes but the last (channels),
+  averaged over the mapped axis `axis_name` when given (synchronised BN: the global batch's moments).
+
+  Per channel, so the moments of a concatenation along channels are the concatenation of its parts' moments:
+  DenseNet computes them once per feature map and hands every later layer's BatchNorm the concatenation
+  (`BatchNorm(...)(x, moments=...)`), instead of each layer reducing over all of its input again.
+  """
+  stacked = _local_moments(x)
+  return stacked if axis_name is None else jax.lax.pmean(stacked, axis_name)
+
+
+@jax.custom_vjp
+def _local_moments(x: jax.Array) -> jax.Array:
+  """`moments` of this device's x. The gradient is written out so that the backward pass keeps x alone: autodiff
+  of mean(x^2) keeps 2x, a second full-size copy of every feature map it normalises."""
+  x = x.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  return jnp.stack([jnp.mean(x, axis=axes), jnp.mean(jnp.square(x), axis=axes)])
+
+
+def _local_moments_fwd(x):
+  return _local_moments(x), x
+
+
+def _local_moments_bwd(x, dmoments):
+  count = x.size // x.shape[-1]
+  dmean, dmean_square = dmoments[0] / count, dmoments[1] * (2.0 / count)
+  return ((x.astype(jnp.float32) * dmean_square + dmean).astype(x.dtype),)
+
+
+_local_moments.defvjp(_local_moments_fwd, _local_moments_bwd)
+
+
 def _multiplier(var: jax.Array, scale: jax.Array, epsilon: float) -> jax.Array:
   return jax.lax.rsqrt(var + epsilon) * scale
 
@@ -94,7 +128,9 @@ class BatchNorm(nn.Module):
   custom_gradient: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, moments: jax.Array | None = None) -> jax.Array:
+    """Normalises x [..., channels]. In training, `moments` ([2, channels], `moments(x, axis_name)`) may be
+    given when the caller has them already; they are then used as x's batch moments, unchecked."""
     channels = x.shape[-1]
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (channels,), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (channels,), jnp.float32)
@@ -103,7 +139,14 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
-      mean, var = self._batch_statistics(x)
+      if moments is None:
+        moments = self._moments(x)
+      elif moments.shape != (2, channels):
+        raise ValueError(
+          f'moments of shape {moments.shape} for {channels} channels; expected (2, {channels})'
+        )
+      mean = moments[0]
+      var = jnp.maximum(0.0, moments[1] - jnp.square(mean))
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
@@ -114,11 +157,6 @@ class BatchNorm(nn.Module):
     # nn.relu, not jnp.maximum: with the latter's derivative XLA no longer rematerialised the layer (as above).
     return (nn.relu(y) if self.relu else y).astype(dtype)
 
-  def _batch_statistics(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x = x.astype(jnp.float32)
-    axes = tuple(range(x.ndim - 1))
-    moments = jnp.stack([jnp.mean(x, axis=axes), jnp.mean(jnp.square(x), axis=axes)])
-    if self.axis_name is not None and not self.is_initializing():
-      moments = jax.lax.pmean(moments, self.axis_name)
-    mean, mean_square = moments[0], moments[1]
-    return mean, jnp.maximum(0.0, mean_square - jnp.square(mean))
+  def _moments(self, x: jax.Array) -> jax.Array:
+    # No collective at init: there is no mapped axis then.
+    return moments(x, None if self.is_initializing() else self.axis_name)

@@ -206,6 +206,7 @@ class MSANet(nn.Module):
       norm=norm,
       conv=conv,
       remat=self.remat,
+      moments=densenet.block_moments(train, None if self.is_initializing() else self.axis_name),
     )
     features = [blocks[b].astype(jnp.float32) for b in self.scales]
     heads = [

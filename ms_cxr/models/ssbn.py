@@ -52,7 +52,8 @@ class SSBN(nn.Module):
   custom_gradient: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, moments: jax.Array | None = None) -> jax.Array:
+    """Normalises x with the branch of `size_px`; `moments` as for `batchnorm.BatchNorm`."""
     if self.size_px not in self.sizes:
       raise ValueError(
         f'SSBN called at size_px={self.size_px}; its branches are {tuple(self.sizes)}'
@@ -74,8 +75,8 @@ class SSBN(nn.Module):
       # Create every branch now: params and statistics exist for all sizes whatever size init ran at.
       for size, branch in branches.items():
         if size != self.size_px:
-          branch(x)
-    return branches[self.size_px](x)
+          branch(x, moments)
+    return branches[self.size_px](x, moments)
 
 
 def _path_sizes(path: tuple[Any, ...]) -> set[int]:
