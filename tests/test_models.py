@@ -244,3 +244,35 @@ def test_shared_feature_moments_give_the_same_function_statistics_and_gradients(
   largest = max(float(np.abs(b).max()) for b in jax.tree.leaves(ref_grads))
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * largest)
+
+
+@pytest.mark.parametrize(
+  'patch_bytes', [densenet.PATCH_BYTES, 2**10], ids=['at_once', 'band_by_band']
+)
+def test_patch_grad_conv_matches_the_convolution_with_its_gradients(patch_bytes, monkeypatch):
+  """`patch_grad_conv` (the stem's 7x7 stride-2 convolution; on the CPU its kernel gradient as a product of the
+  input's patches with the output gradient, all at once or one band of output rows at a time) against
+  lax.conv_general_dilated: values and both gradients."""
+  monkeypatch.setattr(densenet, 'PATCH_BYTES', patch_bytes)
+  x = jax.random.normal(jax.random.key(0), (2, 17, 14, 3))
+  kernel = jax.random.normal(jax.random.key(1), (7, 7, 3, 4))
+  strides, padding = (2, 2), ((3, 3), (3, 3))
+
+  def reference(x, kernel):
+    return jax.lax.conv_general_dilated(
+      x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+
+  def ours(x, kernel):
+    return densenet.patch_grad_conv(x, kernel, strides, padding)
+
+  weights = jax.random.normal(jax.random.key(2), reference(x, kernel).shape)
+
+  def loss(conv):
+    return jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(conv(x, k) * weights), argnums=(0, 1)))
+
+  np.testing.assert_allclose(ours(x, kernel), reference(x, kernel), rtol=1e-5, atol=1e-5)
+  (value, grads), (ref_value, ref_grads) = loss(ours)(x, kernel), loss(reference)(x, kernel)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for a, b in zip(grads, ref_grads, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))

@@ -152,8 +152,8 @@ def test_report_files_and_byte_identical_reevaluation(trained_workdir):
 def test_remat_keeps_dense_block_memory_linear():
   """With remat the dense layers concatenate their inputs themselves, so the backward pass keeps each feature map
   once instead of every layer's growing concatenation. XLA's analysis of the compiled step (nothing runs):
-  densenet_small at 128 px, batch 4 needs 0.86x the temporaries with remat (its blocks are shallow; DenseNet-121
-  at 896 px needs 0.51x, README). Without remat it would be 1.0x: a layer whose BatchNorm+ReLU keeps its
+  densenet_small at 128 px, batch 4 needs 0.83x the temporaries with remat (its blocks are shallow; DenseNet-121
+  at 896 px needs 0.50x, README). Without remat it would be 1.0x: a layer whose BatchNorm+ReLU keeps its
   written-out gradient under remat was not rematerialised by XLA (batchnorm.BatchNorm.custom_gradient)."""
   from configs import densenet
 
