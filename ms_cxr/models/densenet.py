@@ -76,11 +76,15 @@ def _pointwise_bwd(residuals, dy):
 pointwise_product.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
+def _conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+    x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+
+
 def _same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   pad_h, pad_w = kernel.shape[0] // 2, kernel.shape[1] // 2
-  return jax.lax.conv_general_dilated(
-    x, kernel, (1, 1), ((pad_h, pad_h), (pad_w, pad_w)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
-  )
+  return _conv(x, kernel, (1, 1), ((pad_h, pad_h), (pad_w, pad_w)))
 
 
 def _same_conv_by_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -160,12 +164,6 @@ def _same_conv_bwd(residuals, dy):
 
 
 same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
-
-
-def _conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
-  return jax.lax.conv_general_dilated(
-    x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
-  )
 
 
 # The most memory the patches of one product in `_kernel_grad_by_patches` may take (more go band by band).
@@ -321,6 +319,12 @@ def _max_pool_bwd(window, strides, padding, residuals, dy):
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+def _conv_kernel(module: nn.Module, x: jax.Array, kernel_size, features: int, dtype: Any):
+  """x and nn.Conv's `kernel` parameter [kh, kw, in, out] of `module` (same initialiser), both in `dtype`."""
+  kernel = module.param('kernel', KERNEL_INIT, (*kernel_size, x.shape[-1], features), jnp.float32)
+  return nn.dtypes.promote_dtype(x, kernel, dtype=dtype)
+
+
 class PatchGradConv(nn.Module):
   """A bias-free convolution with explicit padding through `patch_grad_conv` (on the CPU, its kernel gradient as
   one matrix product). The parameter is nn.Conv's: `kernel` [kh, kw, in, out], same initialiser."""
@@ -333,10 +337,7 @@ class PatchGradConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param(
-      'kernel', KERNEL_INIT, (*self.kernel_size, x.shape[-1], self.features), jnp.float32
-    )
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    x, kernel = _conv_kernel(self, x, self.kernel_size, self.features, self.dtype)
     return patch_grad_conv(x, kernel, self.strides, self.padding)
 
 
@@ -369,10 +370,7 @@ class SameConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param(
-      'kernel', KERNEL_INIT, (*self.kernel_size, x.shape[-1], self.features), jnp.float32
-    )
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    x, kernel = _conv_kernel(self, x, self.kernel_size, self.features, self.dtype)
     return same_conv(x, kernel)
 
 
