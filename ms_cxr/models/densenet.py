@@ -513,8 +513,12 @@ def dense_features(
       if block_index + 1 == last_block:
         break  # later layers would be unused parameters
       channels = int(channels * compression)
-      x = conv(channels, (1, 1), name=f'{transition}_conv')(x)
+      # Pooled, then convolved: torchvision convolves first, but a 1x1 convolution and an average over 2x2
+      # windows are both linear, one over channels and one over positions, so they commute; pooling first gives
+      # the convolution a quarter of the positions (DenseNet-121 at 224 px: 0.46 of its 5.7 forward GFLOP per
+      # image).
       x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+      x = conv(channels, (1, 1), name=f'{transition}_conv')(x)
     else:
       outputs[block_index + 1] = norm(name='norm5', relu=True)(x, x_moments)
   return outputs
