@@ -171,14 +171,19 @@ PATCH_BYTES = 64 * 2**20
 
 
 def _kernel_grad_by_patches(x, dy, kernel_shape, strides, padding):
-  """The kernel gradient of `_conv` as matrix products: the input's patches [N·h·w, kh·kw·in] (one strided
-  slice of the padded input per tap, side by side) against the output gradient [N·h·w, out]. Where the patches
-  would take more than PATCH_BYTES (at 896 px, batch 4, the stem's take 472 MB) they are made and used one band
-  of output rows at a time, in a loop so that one band's patches exist at once."""
+  """The kernel gradient of `_conv` as matrix products: the input's patches, channels first [kh·kw·in, N·h·w]
+  (one strided slice of the padded input per tap, stacked), times the output gradient [N·h·w, out]. Channels
+  first, each tap's slice is made of runs along the width, and the product is one XLA:CPU hands to its
+  matrix library (a product contracting both operands' first axes goes to a slower path): DenseNet's stem at
+  224 px, batch 8, 37 ms as patches [N·h·w, kh·kw·in], 27 ms this way. Where the patches would take more than
+  PATCH_BYTES (at 896 px, batch 4, the stem's take 472 MB) they are made and used one band of output rows at a
+  time, in a loop so that one band's patches exist at once."""
   kh, kw, channels, features = kernel_shape
   batch, out_h, out_w, _ = dy.shape
   (pad_top, pad_bottom), (pad_left, pad_right) = padding
-  padded = jnp.pad(x, ((0, 0), (pad_top, pad_bottom), (pad_left, pad_right), (0, 0)))
+  padded = jnp.pad(
+    jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), (pad_top, pad_bottom), (pad_left, pad_right))
+  )
   span_w = strides[1] * (out_w - 1) + 1
   row_bytes = batch * out_w * kh * kw * channels * x.dtype.itemsize
   # Rows per band: the most that fit, among the divisors of out_h (equal bands, one loop body).
@@ -188,19 +193,18 @@ def _kernel_grad_by_patches(x, dy, kernel_shape, strides, padding):
   in_rows = strides[0] * (band - 1) + kh
 
   def band_product(first):
-    rows = jax.lax.dynamic_slice_in_dim(padded, first * strides[0], in_rows, axis=1)
-    patches = jnp.concatenate(
+    rows = jax.lax.dynamic_slice_in_dim(padded, first * strides[0], in_rows, axis=2)
+    patches = jnp.stack(
       [
-        rows[:, i : i + strides[0] * (band - 1) + 1 : strides[0], j : j + span_w : strides[1]]
+        rows[:, :, i : i + strides[0] * (band - 1) + 1 : strides[0], j : j + span_w : strides[1]]
         for i in range(kh)
         for j in range(kw)
-      ],
-      axis=-1,
+      ]
     )
     return jax.lax.dot_general(
-      patches.reshape(-1, kh * kw * channels),
+      patches.reshape(kh * kw * channels, -1),
       jax.lax.dynamic_slice_in_dim(dy, first, band, axis=1).reshape(-1, features),
-      (((0,), (0,)), ((), ())),
+      (((1,), (0,)), ((), ())),
     )
 
   if band == out_h:
