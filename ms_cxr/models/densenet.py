@@ -118,6 +118,12 @@ def _materialized(x: jax.Array) -> jax.Array:
   )
 
 
+# The largest grid (height x width) whose 3x3 forward convolution `same_conv` computes by taps on the CPU. With
+# 56 x 56 the train step ran 4% faster at 224 px and 2.5% at 448 px than with 28 x 28 (the two alternating in
+# one process); 112 x 112 gained nothing more at 448 px.
+TAPS_MAX_POSITIONS = 56 * 56
+
+
 @jax.custom_vjp
 def same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Stride-1 convolution of NHWC x with an odd HWIO kernel, zero-padded to keep the size ('SAME').
@@ -129,7 +135,7 @@ def same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   the product of the same shifted copies with the stacked kernel (a matrix product runs at about twice the
   rate of XLA:CPU's transposed convolution here).
   """
-  if x.shape[1] * x.shape[2] > 28 * 28:
+  if x.shape[1] * x.shape[2] > TAPS_MAX_POSITIONS:
     return _same_conv(x, kernel)
   return jax.lax.platform_dependent(x, kernel, cpu=_same_conv_by_taps, default=_same_conv)
 
