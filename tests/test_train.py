@@ -149,20 +149,27 @@ def test_report_files_and_byte_identical_reevaluation(trained_workdir):
   assert rows[0][0] == 'label' and [r[0] for r in rows[1:-2]] == result['labels']
 
 
-def test_remat_keeps_dense_block_memory_linear():
+def test_remat_keeps_dense_block_memory_linear(monkeypatch):
   """With remat the dense layers concatenate their inputs themselves, so the backward pass keeps each feature map
-  once instead of every layer's growing concatenation. XLA's analysis of the compiled step (nothing runs):
-  densenet_small at 128 px, batch 4 needs 0.83x the temporaries with remat (its blocks are shallow; DenseNet-121
-  at 896 px needs 0.50x, README). Without remat it would be 1.0x: a layer whose BatchNorm+ReLU keeps its
-  written-out gradient under remat was not rematerialised by XLA (batchnorm.BatchNorm.custom_gradient)."""
-  from configs import densenet
+  once instead of every layer's growing concatenation. XLA's analysis of the compiled step (nothing runs): a
+  narrow DenseNet with four 6-layer blocks at 128 px, batch 4, needs 0.74x the temporaries with remat (DenseNet-121
+  at 896 px needs 0.49x, README; densenet_small's 2-6 layer blocks gain too little to tell, 0.92x). Without remat
+  it would be 1.0x: a layer whose BatchNorm+ReLU keeps its written-out gradient under remat was not
+  rematerialised by XLA (batchnorm.BatchNorm.custom_gradient)."""
+  from configs import densenet as densenet_config
+  from ms_cxr.models import densenet
 
+  monkeypatch.setitem(
+    densenet.PRESETS,
+    'densenet_6x4',
+    dict(block_sizes=(6, 6, 6, 6), growth_rate=16, num_init_features=32, bn_size=4),
+  )
   temporaries = {}
   for remat in (False, True):
-    config = densenet.get_config('smoke')
-    config.model.name = 'densenet_small'
+    config = densenet_config.get_config('smoke')
+    config.model.name = 'densenet_6x4'
     config.model.remat = remat
     config.train.global_batch_size = 4
     config.data.sizes = (128,)
     temporaries[remat] = train.train_step_memory(config, 128)['temp_bytes']
-  assert temporaries[True] <= 0.9 * temporaries[False]
+  assert temporaries[True] <= 0.85 * temporaries[False]
