@@ -133,7 +133,8 @@ def same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   the shifted copies are small, and on XLA:CPU the product beats the backward convolution (with the layout
   transposes it needs) at every grid of 14 px and up: [8, 56, 56, 128] -> 32, 51 vs 77 ms. The input gradient is
   the product of the same shifted copies with the stacked kernel (a matrix product runs at about twice the
-  rate of XLA:CPU's transposed convolution here).
+  rate of XLA:CPU's transposed convolution here). The forward pass is `_same_conv_by_taps` on the CPU for grids
+  of up to TAPS_MAX_POSITIONS, XLA's convolution otherwise.
   """
   if x.shape[1] * x.shape[2] > TAPS_MAX_POSITIONS:
     return _same_conv(x, kernel)
