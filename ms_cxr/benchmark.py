@@ -833,6 +833,7 @@ def _input_benchmark(config: ml_collections.ConfigDict, options: Options, emit: 
     _TEMPORARY_DIRS.append(tmp)
     layout = write_nih_layout(pathlib.Path(tmp) / 'nih', sources)
     config = _input_config(config, layout, sorted({s.view for s in sources}))
+    config.data.sizes = tuple(sorted(sizes))  # what the preparation at max(sizes) is read for
     native = datasets.load_split(config.data, 'train')
     prepared_dir = pathlib.Path(tmp) / 'prepared'
     start = time.perf_counter()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from ms_cxr.data import datasets, images, prepare
+from ms_cxr.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
@@ -139,6 +140,80 @@ def test_synthetic_round_trip_and_overwrite(tmp_path):
     prepare.read_prepared(tmp_path, 'test', labels=data.labels)
 
 
+def test_overwrite_keeps_the_old_preparation_until_the_new_one_is_complete(tmp_path):
+  data = _data_config('synthetic')
+  data.synthetic.update({'num_train': 5, 'num_val': 0, 'num_test': 2})
+  prepare.prepare(data, tmp_path, size=32, progress=False)
+  before = (tmp_path / prepare.MANIFEST).read_text()
+
+  # A wrong root fails before anything is replaced.
+  with pytest.raises(UserError, match='nowhere'):
+    prepare.prepare(
+      _data_config('nih', tmp_path / 'nowhere'), tmp_path, size=32, overwrite=True, progress=False
+    )
+  assert (tmp_path / prepare.MANIFEST).read_text() == before
+  assert len(prepare.read_prepared(tmp_path, 'train', labels=data.labels)) == 5
+
+  # So does an image that cannot be read: the failing build never reaches OUT.
+  def fail(ref, size):
+    raise ValueError(f'{ref}: cannot be read')
+
+  original = prepare.encode_png
+  prepare.encode_png = fail
+  try:
+    with pytest.raises(ValueError, match='cannot be read'):
+      prepare.prepare(data, tmp_path, size=32, overwrite=True, progress=False)
+  finally:
+    prepare.encode_png = original
+  assert (tmp_path / prepare.MANIFEST).read_text() == before
+  assert not (tmp_path / prepare.STAGING).exists()
+  assert len(prepare.read_prepared(tmp_path, 'test', labels=data.labels)) == 2
+
+
+def test_leftovers_of_a_killed_preparation_need_no_overwrite(tmp_path):
+  """Without a manifest there is no finished preparation: what a killed run left is replaced."""
+  (tmp_path / prepare.STAGING / 'prepared_cxr').mkdir(parents=True)
+  (tmp_path / 'index-train.jsonl').write_text('{"id": "stale"}\n')
+  (tmp_path / prepare.BUILDER_NAME / 'stale').mkdir(parents=True)
+  data = _data_config('synthetic')
+  data.synthetic.update({'num_train': 3, 'num_val': 0, 'num_test': 0})
+  prepare.prepare(data, tmp_path, size=32, splits=('train',), progress=False)
+  assert [r.id for r in prepare.read_prepared(tmp_path, 'train', labels=data.labels)] == [
+    r.id for r in datasets.load_split(data, 'train')
+  ]
+  assert not (tmp_path / prepare.BUILDER_NAME / 'stale').exists()
+  assert not (tmp_path / prepare.STAGING).exists()
+
+
+def test_a_preparation_is_read_only_under_its_own_data_settings(tmp_path):
+  data = _data_config('synthetic', sizes=(32,))
+  data.synthetic.update({'num_train': 4, 'num_val': 0, 'num_test': 0})
+  prepare.prepare(data, tmp_path / 'prepared', size=32, splits=('train',), progress=False)
+  data.prepared_dir = str(tmp_path / 'prepared')
+  data.root = '/moved'  # the root may differ: the data may have moved
+  assert len(datasets.load_split(data, 'train')) == 4
+  manifest = re.escape(str(tmp_path / 'prepared' / prepare.MANIFEST))
+
+  changed = data.copy_and_resolve_references()
+  changed.seed = 7
+  with pytest.raises(UserError, match=f'{manifest}: .*data.seed: 0 there, 7 here'):
+    datasets.load_split(changed, 'train')
+  changed = data.copy_and_resolve_references()
+  changed.synthetic.num_train = 5
+  with pytest.raises(UserError, match="data.synthetic: .*'num_train': 4.*'num_train': 5"):
+    datasets.load_split(changed, 'train')
+  changed = data.copy_and_resolve_references()
+  changed.dataset = 'nih'
+  with pytest.raises(UserError, match="data.dataset: 'synthetic' there, 'nih' here"):
+    datasets.load_split(changed, 'train')
+  changed = data.copy_and_resolve_references()
+  changed.sizes = (16, 64)
+  with pytest.raises(
+    UserError, match=f'{manifest}: images were prepared at 32 px, smaller than the 64 px'
+  ):
+    datasets.load_split(changed, 'train')
+
+
 @needs_shared_data
 def test_corrupt_image_names_the_file(tmp_path):
   root = tmp_path / 'nih'
@@ -164,7 +239,23 @@ def test_corrupt_image_names_the_file(tmp_path):
   # Nothing half-written is left behind, so the next run needs no `overwrite`.
   assert not (out / prepare.MANIFEST).exists()
   assert not (out / prepare.BUILDER_NAME).exists()
+  assert not (out / prepare.STAGING).exists()
   assert not list(out.glob('index-*.jsonl'))
+
+  # With skip_bad the image is left out of its split, index and shards alike, and named in the manifest.
+  data = _data_config('nih', root, skip_bad=True)
+  native = {split: datasets.load_split(data, split) for split in datasets.SPLITS}
+  manifest = prepare.prepare(data, out, size=SIZE, progress=False)
+  bad_split = next(s for s, rs in native.items() if any(r.image.endswith(broken) for r in rs))
+  for split, records in native.items():
+    entry = manifest['splits'][split]
+    kept = [r.id for r in records if not r.image.endswith(broken)]
+    assert [r.id for r in prepare.read_prepared(out, split, labels=data.labels)] == kept
+    assert entry['num_examples'] == len(kept)
+    if split == bad_split:
+      assert len(entry['skipped']) == 1 and str(root / 'images' / broken) in entry['skipped'][0]
+    else:
+      assert entry['skipped'] == []
 
 
 def test_load_prepared_in_a_spawned_process(tmp_path):
@@ -173,7 +264,12 @@ def test_load_prepared_in_a_spawned_process(tmp_path):
   data.synthetic.update({'num_train': 6, 'num_val': 0, 'num_test': 0})
   manifest = prepare.prepare(data, tmp_path, size=32, splits=('train', 'val'), progress=False)
   # TFDS cannot write an empty split: the manifest lists it with no shards, and it reads back empty.
-  assert manifest['splits']['val'] == {'num_examples': 0, 'index': 'index-val.jsonl', 'shards': []}
+  assert manifest['splits']['val'] == {
+    'num_examples': 0,
+    'index': 'index-val.jsonl',
+    'shards': [],
+    'skipped': [],
+  }
   assert prepare.read_prepared(tmp_path, 'val', labels=data.labels) == []
   records = prepare.read_prepared(tmp_path, 'train', labels=data.labels)
   refs = [r.image for r in records]

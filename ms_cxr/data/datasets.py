@@ -61,7 +61,7 @@ def load_split(
 
     try:
       return prepare.read_prepared(
-        data_config.prepared_dir, split, labels=tuple(data_config.labels)
+        data_config.prepared_dir, split, labels=tuple(data_config.labels), data_config=data_config
       )
     except (ValueError, FileNotFoundError) as e:
       raise UserError(str(e)) from None

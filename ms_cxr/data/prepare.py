@@ -23,10 +23,15 @@ around a TFDS 4.9.10 bug that needs the `importlib_resources` backport; see the 
 Examples are written in split order (`disable_shuffling`), so the k-th record of a split is the k-th example across
 its shards; the Grain pipeline shuffles by itself.
 
+Everything is built in OUT/.partial/ and moved into place once complete, the manifest last, so a previous
+preparation in OUT (replaced only with `--overwrite`) survives any failure of the new one, and a run that was
+killed leaves no manifest, only files that the next run replaces without being asked. An image that cannot be read
+stops the preparation, or with `data.skip_bad` is left out of its split and named in the manifest.
+
 Layout of OUT:
   manifest.json                          dataset, `data` config, size, labels, and per split its count, index
-                                         file and shards (paths relative to OUT); written last, so its presence
-                                         means the preparation finished
+                                         file, shards (paths relative to OUT) and the messages of images
+                                         skipped; written last, so its presence means the preparation finished
   index-<split>.jsonl                    one JSON line per example, in split order: the record's fields without
                                          pixels (so reading a split back does not read the shards)
   prepared_cxr/<dataset>/1.0.0/          the TFDS dataset: dataset_info.json, features.json and
@@ -36,6 +41,10 @@ Layout of OUT:
 Per example the shards hold `image` (PNG, uint8 [size, size, 1]), `id`, `source` (the native image reference),
 `labels` (float32 [K], NaN = unknown), `patient_id`, `study_id`, `view`, and `boxes` (a sequence of `label` and
 `box`, float64 (x0, y0, x1, y1) image fractions).
+
+Training reads a preparation (`data.prepared_dir`) only under the `data` settings it was made with (the dataset,
+its own section such as `data.chexpert`, `data.seed` and `data.val_fraction`, which decide the records and their
+labels; the root may have moved) and at sizes up to the prepared one: otherwise an error names the fields.
 
 Reading back: `read_prepared(OUT, split, labels=...)` returns the split's `Record`s with `image` set to a reference
 `arrayrecord:<absolute shard path>:<position>` (the path is everything between the prefix and the last colon), and
@@ -65,6 +74,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
+from absl import logging
 from array_record.python import array_record_module
 from PIL import Image
 
@@ -80,6 +90,11 @@ BUILDER_NAME = 'prepared_cxr'
 # PIL's default level: on 1024-px NIH images resized to 896, files 16% smaller than level 1 for 4x the encoding
 # time (77 vs 19 ms); decoding, which training repeats, takes the same 7 ms.
 PNG_COMPRESS_LEVEL = 6
+# The `data` fields besides the dataset's own section (data.nih, data.chexpert, ...) that decide which records a
+# split holds, in what order and with what labels; a preparation is read only under the values it was made with.
+RECORD_FIELDS = ('dataset', 'seed', 'val_fraction')
+# The folder inside OUT that a preparation is built in, and moved out of once complete.
+STAGING = '.partial'
 # Random access reads one record at a time: no read-ahead, as Grain's ArrayRecord source does.
 _READER_OPTIONS = 'readahead_buffer_size:0'
 
@@ -119,34 +134,35 @@ def prepare(
   unknown = [split for split in splits if split not in datasets.SPLITS]
   if unknown:
     raise ValueError(f'splits {unknown} are unknown; expected some of {datasets.SPLITS}')
-  tfds_root = out / BUILDER_NAME
-  files = [out / MANIFEST] + [out / _index_name(split) for split in datasets.SPLITS]
-  previous = [p for p in [*files, tfds_root] if p.exists()]
-  if previous and not overwrite:
+  if (out / MANIFEST).exists() and not overwrite:
     raise ValueError(
-      f'{previous[0]} exists: {out} already holds a preparation '
+      f'{out / MANIFEST} exists: {out} already holds a preparation '
       '(--overwrite, overwrite=True, replaces it)'
     )
-  for path in files:
-    with contextlib.suppress(FileNotFoundError):
-      path.unlink()
-  shutil.rmtree(tfds_root, ignore_errors=True)
-
+  # Everything is read and written before anything of a previous preparation is touched: a wrong root or an
+  # unreadable image leaves it as it was.
   records = {split: datasets.load_split(data_config, split) for split in splits}
   if not any(records.values()):
     raise ValueError(
       f'splits {list(splits)} of {data_config.dataset} at {data_config.root!r} have no records'
     )
   out.mkdir(parents=True, exist_ok=True)
+  staging = out / STAGING
+  shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
+  staging.mkdir()
   try:
-    manifest = _write(data_config, out, records, size, num_workers, progress)
-  except BaseException:
-    # Leave nothing half-written that a later run would have to be told to overwrite.
-    for split in splits:
+    manifest = _write(data_config, staging, records, size, num_workers, progress)
+    # The manifest goes first and comes back last: a stop in between leaves no finished preparation (which the
+    # next run replaces without `overwrite`), never the index of one beside the shards of another.
+    for path in [out / MANIFEST] + [out / _index_name(split) for split in datasets.SPLITS]:
       with contextlib.suppress(FileNotFoundError):
-        (out / _index_name(split)).unlink()
-    shutil.rmtree(tfds_root, ignore_errors=True)
-    raise
+        path.unlink()
+    shutil.rmtree(out / BUILDER_NAME, ignore_errors=True)
+    for split in records:
+      (staging / _index_name(split)).replace(out / _index_name(split))
+    (staging / BUILDER_NAME).replace(out / BUILDER_NAME)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   # Written last and renamed into place: a manifest exists only for a finished preparation.
   text = json.dumps(manifest, indent=2) + '\n'
   partial = out / f'{MANIFEST}.partial'
@@ -163,16 +179,19 @@ def _write(
   num_workers: int,
   progress: bool,
 ) -> dict:
-  """Writes the index files and the TFDS dataset; returns the manifest."""
+  """Writes the TFDS dataset and the index files into `out`; returns the manifest.
+
+  With `data_config.skip_bad`, an image that cannot be read is left out of its split (index and shards alike)
+  and its message listed under the split's `skipped` in the manifest; otherwise it stops the preparation.
+  """
   labels = tuple(data_config.labels)
-  for split, split_records in records.items():
-    _write_index(out / _index_name(split), split_records)
   with _png_encoder(num_workers) as encode, tempfile.TemporaryDirectory() as downloads:
     builder = _PreparedBuilder(
       records={split: r for split, r in records.items() if r},
       size=size,
       num_labels=len(labels),
       encode=encode,
+      skip_bad=bool(data_config.skip_bad),
       progress=progress,
       description=f'{data_config.dataset} at {size} px, labels {list(labels)}',
       data_dir=os.fspath(out),
@@ -185,6 +204,17 @@ def _write(
 
   manifest_splits = {}
   for split, split_records in records.items():
+    skipped = builder.skipped.get(split, {})
+    if skipped:
+      split_records = [r for r in split_records if r.image not in skipped]
+      logging.warning(
+        'prepare: %d %s image(s) of %s could not be read and were left out, e.g. %s',
+        len(skipped),
+        split,
+        data_config.dataset,
+        next(iter(skipped.values())),
+      )
+    _write_index(out / _index_name(split), split_records)
     shards = []
     if split_records:
       info = builder.info.splits[split]
@@ -197,6 +227,7 @@ def _write(
       'num_examples': len(split_records),
       'index': _index_name(split),
       'shards': shards,
+      'skipped': list(skipped.values()),
     }
   return {
     'format': FORMAT,
@@ -227,24 +258,70 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
   return manifest
 
 
-def read_prepared(out_dir: str | os.PathLike, split: str, *, labels: Sequence[str]) -> list[Record]:
+def check_config(
+  manifest: dict, manifest_path: pathlib.Path, data_config: ml_collections.ConfigDict
+) -> None:
+  """Checks that a preparation holds what `data_config` would read natively, at its largest size or more.
+
+  The fields that decide a split's records and labels (`RECORD_FIELDS` and the dataset's own section, e.g.
+  `data.chexpert`) must be those the preparation was made with; the root may differ (data moved), and so may the
+  label list, as long as the manifest has every label asked for (checked by `read_prepared`).
+
+  Raises:
+    ValueError: naming the manifest and each field that differs, with both values.
+  """
+  prepared = manifest.get('data_config') or {}
+  current = json.loads(json.dumps(data_config.to_dict()))  # tuples as lists, as in the manifest
+  fields = [*RECORD_FIELDS, current.get('dataset')]
+  differ = [
+    f'data.{field}: {prepared.get(field)!r} there, {current.get(field)!r} here'
+    for field in fields
+    if field in current and prepared.get(field) != current.get(field)
+  ]
+  if differ:
+    raise ValueError(
+      f"{manifest_path}: the preparation was made under other data settings than this run's ("
+      + '; '.join(differ)
+      + '): its records or labels would not be the ones asked for. Prepare again with these settings '
+      '(`--config.data.FIELD=VALUE`), or set them back.'
+    )
+  largest = max(data_config.sizes)
+  if largest > manifest['size']:
+    raise ValueError(
+      f'{manifest_path}: images were prepared at {manifest["size"]} px, smaller than the {largest} px this run '
+      f'asks for (data.sizes {tuple(data_config.sizes)}); they would be upsampled. Prepare at --size={largest} '
+      'or more.'
+    )
+
+
+def read_prepared(
+  out_dir: str | os.PathLike,
+  split: str,
+  *,
+  labels: Sequence[str],
+  data_config: ml_collections.ConfigDict | None = None,
+) -> list[Record]:
   """A prepared split's records, equal to the native reader's except that `image` points into the shards.
 
   Args:
     out_dir: the folder `prepare` wrote.
     split: train | val | test.
     labels: label names in the order wanted; any subset or reordering of the manifest's labels.
+    data_config: the reading run's `data` section; given, the preparation must match it (`check_config`).
 
   Returns:
     Records in split order with `image` = `arrayrecord:<absolute shard path>:<position>` (see `load_prepared`).
 
   Raises:
-    ValueError: naming the file at fault: the manifest (missing, split not prepared, labels it does not have),
-      the index (unreadable, count mismatch) or a missing shard.
+    ValueError: naming the file at fault: the manifest (missing, split not prepared, labels it does not have,
+      made under other data settings or at a smaller size than `data_config`'s), the index (unreadable, count
+      mismatch) or a missing shard.
   """
   out = pathlib.Path(out_dir).resolve()
   manifest = read_manifest(out)
   manifest_path = out / MANIFEST
+  if data_config is not None:
+    check_config(manifest, manifest_path, data_config)
   if split not in manifest['splits']:
     raise ValueError(
       f'{manifest_path}: split {split!r} was not prepared; it has {sorted(manifest["splits"])}'
@@ -335,6 +412,14 @@ def encode_png(ref: str, size: int) -> bytes:
   return buffer.getvalue()
 
 
+def _encode_or_message(ref: str, size: int) -> bytes | str:
+  """`encode_png`, or the message naming the file when it cannot be read (with `data.skip_bad`)."""
+  try:
+    return encode_png(ref, size)
+  except ValueError as e:
+    return str(e)
+
+
 class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """TFDS builder over records already read: one example per record, in record order."""
 
@@ -353,6 +438,7 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     size: int,
     num_labels: int,
     encode: Callable[[Callable[[str], bytes], Sequence[str]], Iterable[bytes]],
+    skip_bad: bool,
     progress: bool,
     description: str,
     **kwargs,
@@ -362,6 +448,9 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._size = size
     self._num_labels = num_labels
     self._encode = encode
+    self._skip_bad = skip_bad
+    # {split: {native image reference: message}} of images left out (with `skip_bad`).
+    self.skipped: dict[str, dict[str, str]] = {}
     self._progress = progress
     self._description = description
     super().__init__(**kwargs)
@@ -406,12 +495,17 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       file=sys.stderr,
     )
     with bar:
-      pngs = self._encode(
-        functools.partial(encode_png, size=self._size), [r.image for r in records]
-      )
-      for key, (record, png) in enumerate(zip(records, pngs, strict=True)):
-        yield key, _example(record, png)
+      encode = _encode_or_message if self._skip_bad else encode_png
+      pngs = self._encode(functools.partial(encode, size=self._size), [r.image for r in records])
+      skipped = self.skipped.setdefault(split, {})
+      key = 0
+      for record, png in zip(records, pngs, strict=True):
         bar.update()
+        if isinstance(png, str):
+          skipped[record.image] = png
+          continue
+        yield key, _example(record, png)
+        key += 1
 
 
 @contextlib.contextmanager
