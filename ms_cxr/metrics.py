@@ -394,9 +394,11 @@ def bootstrap_auroc_ci(
   """Patient-level bootstrap percentile intervals for each label's AUROC and for the macro mean.
 
   Resampling is by patient (see `bootstrap_auroc_samples`), since images of one patient are correlated. In each
-  resample a label with one class present is skipped for that label, and the macro mean is taken over the labels
-  valid in that resample (resamples with none are skipped). The interval is the (alpha/2, 1 - alpha/2)
-  percentile range of the valid resampled values (numpy's linear interpolation).
+  resample a label with one class present is skipped for that label. The macro mean's interval uses only the
+  resamples in which every label of the point estimate's mean is valid, so that each resampled mean averages the
+  same labels as the point estimate (a mean over fewer labels in some resamples would mix other quantities into
+  the interval); how many resamples that left is reported. The interval is the (alpha/2, 1 - alpha/2) percentile
+  range of the valid resampled values (numpy's linear interpolation).
 
   Args:
     probs: float [N, K] predicted probabilities (or any monotone score).
@@ -431,14 +433,14 @@ def bootstrap_auroc_ci(
       'hi': hi,
       'num_resamples_used': int(valid[:, k].sum()),
     }
-  any_valid = valid.any(axis=1)
-  resampled_means = np.nanmean(samples[any_valid], axis=1)
-  lo, hi = _percentile_interval(resampled_means, alpha)
+  used = np.asarray([point[label] is not None for label in labels], bool)
+  complete = valid[:, used].all(axis=1) if used.any() else np.zeros(len(samples), bool)
+  lo, hi = _percentile_interval(samples[complete][:, used].mean(axis=1), alpha)
   mean = {
     'auroc': mean_auroc(point),
     'lo': lo,
     'hi': hi,
-    'num_resamples_used': int(any_valid.sum()),
+    'num_resamples_used': int(complete.sum()),
     'labels_used': [label for label, v in point.items() if v is not None],
     'labels_skipped': [label for label, v in point.items() if v is None],
   }
