@@ -21,7 +21,7 @@ setuptools.setup(
     'optax>=0.2.4',
     'orbax-checkpoint>=0.11',
     'pillow>=10.0',
-    'pydicom>=2.4',
+    'pydicom>=3.0',
     'safetensors>=0.4',
     'scikit-learn>=1.4',
     'tensorboardX>=2.6',

@@ -128,6 +128,24 @@ def test_full_train_file_smooth(train, tmp_path):
   assert all(pinned[0].labels[j] == np.float32(0.7) for j in uncertain)
 
 
+def test_smooth_draw_is_the_same_in_the_small_and_the_full_download(tmp_path):
+  # The same image (train.csv row 2) under each download's Path prefix: one id, so one draw per label.
+  with gzip.open(TRAIN_GZ, 'rt', newline='') as f:
+    header, _, line_2 = next(f), next(f), next(f)
+  assert line_2.startswith('CheXpert-v1.0-small/train/patient00002/study2/view1_frontal.jpg,')
+  records = []
+  for folder in chexpert.DATASET_FOLDERS:
+    path = tmp_path / folder / 'train.csv'
+    path.parent.mkdir()
+    path.write_text(header + line_2.replace('CheXpert-v1.0-small/', f'{folder}/', 1))
+    records += chexpert.read_records(tmp_path / folder, split='train_val', uncertainty='smooth')
+  small, full = records
+  assert small.id == full.id == 'train/patient00002/study2/view1_frontal.jpg'
+  uncertain = [j for j, v in enumerate(ROW_2) if v == '-1.0']
+  assert all(0.55 <= small.labels[j] < 0.85 for j in uncertain)
+  _assert_same(full.labels, small.labels.tolist())
+
+
 def test_full_train_file_ids_and_views(train):
   records = train('ones')
   first, lateral, left_lateral = records[0], records[3], records[32_625]

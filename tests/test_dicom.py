@@ -2,11 +2,14 @@
 tests write with pydicom into tmp_path (MONOCHROME1, 12-bit with rescale and windows, signed, VOI LUT, damaged).
 """
 
+import ast
 import pathlib
+import re
 
 import numpy as np
 import pydicom
 import pytest
+from packaging.specifiers import SpecifierSet
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
@@ -18,7 +21,8 @@ from pydicom.uid import (
 
 from ms_cxr.data import dicom
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / 'shared' / 'data'
 SAMPLES = sorted((SHARED_DATA / 'dicom' / 'siim_acr').glob('*.dcm'))
 
 needs_sample = pytest.mark.skipif(
@@ -190,8 +194,73 @@ def test_errors_name_the_file(tmp_path):
   with pytest.raises(ValueError, match=r"colour\.dcm: PhotometricInterpretation 'RGB'"):
     dicom.read_dicom(colour)
 
-  window = _write(
-    tmp_path / 'window.dcm', np.zeros((2, 2), np.uint16), WindowCenter=10, WindowWidth=0
+  lut = Dataset()
+  lut.add_new(0x00283002, 'US', [16, 0, 16])  # LUT Descriptor, but no LUT Data
+  no_data = _write(
+    tmp_path / 'no_lut_data.dcm', np.zeros((2, 2), np.uint16), VOILUTSequence=Sequence([lut])
   )
-  with pytest.raises(ValueError, match=r'window\.dcm: cannot apply the Modality / VOI LUT'):
-    dicom.read_dicom(window)
+  with pytest.raises(
+    ValueError, match=r'no_lut_data\.dcm: cannot apply the Modality / VOI LUT \(KeyError'
+  ):
+    dicom.read_dicom(no_data)
+
+
+@pytest.mark.parametrize(
+  'window',
+  [
+    dict(WindowCenter='', WindowWidth=''),  # present, empty
+    dict(WindowCenter=None, WindowWidth=None),
+    dict(WindowCenter=2000, WindowWidth=''),
+    dict(WindowCenter='', WindowWidth=400),
+    dict(WindowCenter=['', 40], WindowWidth=['', 400]),  # the first pair is the one used
+    dict(WindowCenter=10, WindowWidth=0),  # width < 1 is not a window
+    dict(WindowCenter=10, WindowWidth=0.5),
+  ],
+)
+def test_empty_or_unusable_window_falls_back_to_min_max(tmp_path, window):
+  stored = np.array([[0, 800], [2400, 4000]], np.uint16)
+  # No usable window: v / 4000 * 255, as without the tags.
+  expected = [[0, 51], [153, 255]]
+  np.testing.assert_array_equal(dicom.read_dicom(_write(tmp_path / 'plain.dcm', stored)), expected)
+  np.testing.assert_array_equal(
+    dicom.read_dicom(_write(tmp_path / 'window.dcm', stored, **window)), expected
+  )
+
+
+@pytest.mark.parametrize(
+  'photometric, shape, inverted',
+  [
+    ('MONOCHROME2', None, False),
+    ('MONOCHROME2', 'IDENTITY', False),
+    ('MONOCHROME2', 'INVERSE', True),
+    ('MONOCHROME1', None, True),
+    # The DX Image module requires INVERSE with MONOCHROME1: it is the same inversion, not a second one.
+    ('MONOCHROME1', 'INVERSE', True),
+  ],
+)
+def test_presentation_lut_shape_inverse(tmp_path, photometric, shape, inverted):
+  stored = np.array([[0, 800], [2400, 4000]], np.uint16)
+  attributes = {'PhotometricInterpretation': photometric}
+  if shape is not None:
+    attributes['PresentationLUTShape'] = shape
+  expected = np.array([[0, 51], [153, 255]], np.uint8)
+  if inverted:
+    expected = 255 - expected
+  np.testing.assert_array_equal(
+    dicom.read_dicom(_write(tmp_path / 'shape.dcm', stored, **attributes)), expected
+  )
+
+
+def test_setup_requires_the_pydicom_this_module_imports():
+  # dicom.py imports pydicom.pixels and the tests write with save_as(enforce_file_format=...): pydicom 3.0 on.
+  tree = ast.parse((REPO / 'setup.py').read_text())
+  requirements = [
+    node.value
+    for node in ast.walk(tree)
+    if isinstance(node, ast.Constant)
+    and isinstance(node.value, str)
+    and re.match(r'pydicom\b', node.value)
+  ]
+  assert len(requirements) == 1, requirements
+  specifier = SpecifierSet(requirements[0].removeprefix('pydicom'))
+  assert not specifier.contains('2.4.4') and specifier.contains('3.0.0'), requirements[0]

@@ -5,6 +5,7 @@ folders) are written or symlinked into tmp_path, never into the repository.
 """
 
 import gzip
+import logging
 import os
 import pathlib
 
@@ -245,6 +246,49 @@ def test_kaggle_numbered_image_folders(tmp_path):
   assert len(records) == 19
   assert all(folder[n] == 'images_001' for n in names[:12])
   assert all(folder[n] == 'images_002' for n in names[12:])
+
+
+def _list_warnings(caplog) -> list[str]:
+  return [
+    r.getMessage()
+    for r in caplog.records
+    if r.levelno == logging.WARNING
+    and ('no row in' in r.getMessage() or 'neither' in r.getMessage())
+  ]
+
+
+def test_split_lists_and_data_entry_disagreeing_are_warned_about(tmp_path, caplog):
+  root = _link(
+    tmp_path / 'root', **{'Data_Entry_2017_v2020.csv': NIH_SAMPLE / 'Data_Entry_2017_v2020.csv'}
+  )
+  train_val = (NIH_SAMPLE / 'train_val_list.txt').read_text().split()
+  test = (NIH_SAMPLE / 'test_list.txt').read_text().split()
+  # One listed image without a Data_Entry row, and one Data_Entry row in neither list.
+  (root / 'train_val_list.txt').write_text('\n'.join([*train_val, '99999999_000.png']) + '\n')
+  (root / 'test_list.txt').write_text('\n'.join(test[1:]) + '\n')
+  with caplog.at_level(logging.WARNING):
+    records = nih.read_records(root, split='train_val')
+  assert len(records) == len(train_val)
+  unlabelled, unlisted = _list_warnings(caplog)
+  assert 'train_val_list.txt: 1 of its 13 images have no row in ' in unlabelled
+  assert unlabelled.endswith('Data_Entry_2017_v2020.csv and are left out, e.g. 99999999_000.png')
+  assert (
+    'Data_Entry_2017_v2020.csv: 1 of its 19 rows are in neither train_val_list.txt nor' in unlisted
+  )
+  assert f'{test[0]}' in unlisted
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    assert len(nih.read_records(root, split='test')) == len(test) - 1
+  (unlisted,) = _list_warnings(caplog)
+  assert 'in neither' in unlisted and test[0] in unlisted
+
+
+def test_no_list_warning_when_the_lists_cover_data_entry(full_root, caplog):
+  with caplog.at_level(logging.WARNING):
+    for root in (NIH_SAMPLE, NIH_64PX, full_root):
+      for split in ('train', 'test'):
+        nih.read_records(root, split=split)
+  assert _list_warnings(caplog) == []
 
 
 def test_64px_set_images_views_and_boxes():

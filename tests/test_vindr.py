@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from ms_cxr.data import vindr
+from ms_cxr.data import bad_input, vindr
 from ms_cxr.data.labels import CHEXPERT_LABELS, NIH_LABELS
 from ms_cxr.data.records import Box, label_matrix
 from ms_cxr.data.vindr import NO_FINDING, VINDR_FINDINGS
@@ -210,10 +210,56 @@ def test_any_vs_majority_on_hand_made_rows(tmp_path):
   )
   any_ = _by_id(vindr.read_records(root, split='train_val', aggregate='any'))
   majority = _by_id(vindr.read_records(root, split='train_val', aggregate='majority'))
-  assert _positives(any_['a']) == ['Cardiomegaly', 'Pneumothorax', NO_FINDING]
+  # 'No finding' means none of the others: a reader's 'No finding' beside another's finding does not survive.
+  assert _positives(any_['a']) == ['Cardiomegaly', 'Pneumothorax']
   assert _positives(majority['a']) == ['Cardiomegaly']
-  assert _positives(any_['b']) == ['Atelectasis', NO_FINDING]
+  assert _positives(any_['b']) == ['Atelectasis']
   assert _positives(majority['b']) == [NO_FINDING]
+
+
+def test_no_finding_is_positive_only_without_a_finding():
+  # Columns: Cardiomegaly, Edema, No finding. R1 found Cardiomegaly, R2 and R3 nothing.
+  readings = np.array([[1, 0, 0], [0, 0, 1], [0, 0, 1]], np.float32)
+  np.testing.assert_array_equal(vindr.aggregate_labels(readings, 'any', no_finding=2), [1, 0, 0])
+  np.testing.assert_array_equal(
+    vindr.aggregate_labels(readings, 'majority', no_finding=2), [0, 0, 1]
+  )
+  # Without the column named, each label is aggregated on its own.
+  np.testing.assert_array_equal(vindr.aggregate_labels(readings, 'any'), [1, 0, 1])
+  # Under 'majority' both can win only when readers marked both, which an image_labels file can hold.
+  both = np.array([[1, 0, 1], [1, 0, 1], [0, 0, 1]], np.float32)
+  np.testing.assert_array_equal(vindr.aggregate_labels(both, 'majority', no_finding=2), [1, 0, 0])
+  with pytest.raises(ValueError, match='no_finding=3'):
+    vindr.aggregate_labels(both, 'any', no_finding=3)
+
+
+def test_no_finding_after_aggregation_in_an_image_labels_file(tmp_path):
+  labels = '\n'.join(
+    [
+      'image_id,rad_id,Cardiomegaly,Edema,No finding',
+      'a,R1,1,0,1',  # one reader marks a finding and 'No finding'
+      'a,R2,1,0,1',
+      'a,R3,0,0,1',
+      'b,R1,0,1,0',
+      'b,R2,0,0,1',
+      'b,R3,0,0,1',
+    ]
+  )
+  root = _physionet_root(tmp_path, image_labels_train=labels + '\n')
+  names = ['Cardiomegaly', 'Edema', NO_FINDING]
+  for aggregate, a, b in (
+    ('majority', ['Cardiomegaly'], [NO_FINDING]),
+    ('any', ['Cardiomegaly'], ['Edema']),
+  ):
+    records = _by_id(vindr.read_records(root, split='train_val', aggregate=aggregate))
+    assert _positives(records['a'], names) == a, aggregate
+    assert _positives(records['b'], names) == b, aggregate
+    chexpert = _by_id(
+      vindr.read_records(
+        root, split='train_val', aggregate=aggregate, label_space='chexpert', labels=['No Finding']
+      )
+    )
+    assert chexpert['a'].labels.tolist() == [0.0], aggregate
 
 
 def test_mapping_to_chexpert_and_nih(tmp_path):
@@ -283,12 +329,17 @@ def test_physionet_image_labels_header_and_consensus_test(tmp_path):
   any_ = _by_id(vindr.read_records(root, split='train_val', aggregate='any'))
   assert _positives(any_['a'], names) == ['Cardiomegaly', 'Edema', 'Pneumonia']
 
-  (test_record,) = vindr.read_records(root, split='test', label_space='chexpert')
-  chexpert = dict(zip(CHEXPERT_LABELS, test_record.labels.tolist(), strict=True))
-  assert chexpert['Edema'] == chexpert['Pneumonia'] == 1.0 and chexpert['Cardiomegaly'] == 0.0
-  # Lung Lesion's sources (Nodule/Mass, Lung tumor, Lung cavity) are not columns of this file.
-  assert np.isnan(chexpert['Lung Lesion'])
+  mapped = ['Edema', 'Pneumonia', 'Cardiomegaly', 'No Finding']
+  (test_record,) = vindr.read_records(root, split='test', label_space='chexpert', labels=mapped)
+  assert test_record.labels.tolist() == [1.0, 1.0, 0.0, 0.0]
   assert pathlib.Path(test_record.image) == root / 'test' / 'c.dicom'
+  # Lung Lesion's sources (Nodule/Mass, Lung tumor, Lung cavity) are not columns of this file: asking for it
+  # is an error, not a NaN column.
+  with pytest.raises(
+    ValueError,
+    match=r"image_labels_test\.csv: header has no column for .*'Nodule/Mass' \(for 'Lung Lesion'\)",
+  ):
+    vindr.read_records(root, split='test', label_space='chexpert')
 
 
 def test_boxes_in_image_fractions_from_the_dicom_header(tmp_path):
@@ -330,6 +381,101 @@ def test_missing_images_and_boxes_outside_the_image(tmp_path):
   _write_dicom_header(root / 'train' / 'b.dicom', rows=4, columns=4)
   with pytest.raises(ValueError, match=r"train\.csv row 2: box .* outside image 'b' of 4 x 4 px"):
     vindr.read_records(root, split='train_val')
+
+
+def test_unreadable_dicom_or_box_outside_the_image_follows_skip_bad(tmp_path):
+  root = _kaggle_root(
+    tmp_path,
+    [
+      _kaggle_row('a', 'Cardiomegaly', 'R1', (10, 10, 50, 50)),
+      _kaggle_row('b', 'Atelectasis', 'R1', (1, 1, 5, 5)),  # b.dicom is empty
+      _kaggle_row('b', 'Atelectasis', 'R2', (2, 2, 6, 6)),
+      _kaggle_row('c', 'Nodule/Mass', 'R1', (1, 1, 3, 3)),
+      _kaggle_row('c', 'Nodule/Mass', 'R2', (20, 20, 30, 30)),  # c.dicom is 8 x 8 px
+      _kaggle_row('d', 'Pneumothorax', 'R1', (1, 1, 4, 4)),  # d.dicom is cut short
+    ],
+  )
+  (root / 'train').mkdir()
+  _write_dicom_header(root / 'train' / 'a.dicom', rows=100, columns=100)
+  (root / 'train' / 'b.dicom').write_bytes(b'')
+  _write_dicom_header(root / 'train' / 'c.dicom', rows=8, columns=8)
+  _write_dicom_header(root / 'train' / 'full.dicom', rows=64, columns=64)
+  (root / 'train' / 'd.dicom').write_bytes((root / 'train' / 'full.dicom').read_bytes()[:200])
+  (root / 'train' / 'full.dicom').unlink()
+
+  with pytest.raises(
+    ValueError, match=r"train\.csv row 2: cannot place the boxes of image 'b' .*b\.dicom"
+  ):
+    vindr.read_records(root, split='train_val')
+  (root / 'train' / 'b.dicom').unlink()
+  _write_dicom_header(root / 'train' / 'b.dicom', rows=8, columns=8)
+  with pytest.raises(ValueError, match=r"train\.csv row 5: box .* outside image 'c' of 8 x 8 px"):
+    vindr.read_records(root, split='train_val')
+  _write_dicom_header(root / 'train' / 'c.dicom', rows=64, columns=64)
+  with pytest.raises(ValueError, match=r"train\.csv row 6: cannot place .*'d' .*d\.dicom"):
+    vindr.read_records(root, split='train_val')
+
+  (root / 'train' / 'b.dicom').write_bytes(b'')
+  _write_dicom_header(root / 'train' / 'c.dicom', rows=8, columns=8)
+  with bad_input.collecting() as skipped:
+    records = _by_id(vindr.read_records(root, split='train_val'))
+  # Every record stays, with its labels; only the boxes that cannot be placed are dropped.
+  assert list(records) == ['a', 'b', 'c', 'd']
+  assert _positives(records['b']) == ['Atelectasis']
+  assert records['a'].boxes == (Box('Cardiomegaly', 0.1, 0.1, 0.5, 0.5),)
+  assert records['b'].boxes == records['d'].boxes == ()
+  assert records['c'].boxes == (Box('Nodule/Mass', 0.125, 0.125, 0.375, 0.375),)
+  assert len(skipped) == 3
+  assert "train.csv row 2: cannot place the boxes of image 'b' (box rows 2, 3)" in skipped[0]
+  assert 'b.dicom' in skipped[0]
+  assert "train.csv row 5: box (20.0, 20.0, 30.0, 30.0) px lies outside image 'c'" in skipped[1]
+  assert "train.csv row 6: cannot place the boxes of image 'd'" in skipped[2]
+  assert 'd.dicom' in skipped[2]
+
+
+def test_image_labels_header_names_are_checked_against_the_vindr_labels(tmp_path):
+  # 'Pleural Effusion' for 'Pleural effusion' and 'Nodule/mass' for 'Nodule/Mass': spelling variants.
+  header = (
+    'image_id,rad_id,Pleural Effusion,Nodule/mass,Lung tumor,Lung cavity,Cardiomegaly,No finding'
+  )
+  rows = ['a,R1,1,1,0,0,0,0', 'b,R1,0,0,0,0,0,1']
+  root = _physionet_root(tmp_path, image_labels_train='\n'.join([header, *rows]) + '\n')
+  with pytest.raises(
+    ValueError,
+    match=r"image_labels_train\.csv: header has no column for label\(s\) \['Pleural effusion'\] asked "
+    r"for; its columns \['Pleural Effusion', 'Nodule/mass'\] are not VinDr labels; expected label names "
+    r"from \('Aortic enlargement'",
+  ):
+    vindr.read_records(root, split='train_val', labels=['Pleural effusion', NO_FINDING])
+  # Lung Lesion would otherwise be Lung tumor or Lung cavity alone, silently leaving nodules and masses out.
+  with pytest.raises(
+    ValueError,
+    match=r"no column for the VinDr source\(s\) of chexpert .*'Nodule/Mass' \(for 'Lung Lesion'\)",
+  ):
+    vindr.read_records(root, split='train_val', label_space='chexpert', labels=['Lung Lesion'])
+  with pytest.raises(ValueError, match=r"'Pleural effusion' \(for 'Effusion'\)"):
+    vindr.read_records(root, split='train_val', label_space='nih', labels=['Effusion'])
+  # Labels whose columns are there still read; the header's own names are the default.
+  records = _by_id(vindr.read_records(root, split='train_val', labels=['Cardiomegaly', NO_FINDING]))
+  assert records['a'].labels.tolist() == [0.0, 0.0] and records['b'].labels.tolist() == [0.0, 1.0]
+  (default,) = {r.labels.shape for r in vindr.read_records(root, split='train_val')}
+  assert default == (6,)
+
+
+def test_image_labels_train_spelling_of_other_disease(tmp_path):
+  # The PhysioNet train file says 'Other diseases', the test file 'Other disease': one label for both.
+  root = _physionet_root(
+    tmp_path,
+    image_labels_train='image_id,rad_id,Other diseases,No finding\na,R1,1,0\n',
+    image_labels_test='image_id,Other disease,No finding\nb,1,0\n',
+  )
+  for split, image in (('train_val', 'a'), ('test', 'b')):
+    (record,) = vindr.read_records(root, split=split, labels=['Other disease', NO_FINDING])
+    assert record.id == image and record.labels.tolist() == [1.0, 0.0]
+  assert vindr.read_image_labels(root / 'annotations' / 'image_labels_train.csv').names == (
+    'Other disease',
+    NO_FINDING,
+  )
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,10 @@ Uncertain values follow one of `UNCERTAINTY_POLICIES`:
   ones    1 (U-Ones)
   mixed   1 for Atelectasis and Edema (where U-Ones worked best in Irvin et al. 2019), 0 for the others
   smooth  a value in `smoothing_range` (label-smoothing regularisation, Pham et al. 2021): uniform in
-          [lo, hi), drawn from a BLAKE2b hash of the row's `Path` value, a separate draw per label (by its
-          position in `CHEXPERT_LABELS`), so it is the same at every read and for any `labels` subset.
+          [lo, hi), drawn from a BLAKE2b hash of the image's path below the dataset folder (`Record.id`), a
+          separate draw per label (by its position in `CHEXPERT_LABELS`), so it is the same at every read, for
+          any `labels` subset, and in the small and the full-size download (whose `Path` values differ only in
+          the first component).
 Blank values become `blank` (0.0 by default, the usual reading of "not mentioned"; NaN masks them).
 """
 
@@ -169,12 +171,6 @@ def read_csv(
           ]
           converted[raw] = row_values
         image_path = row[path_col]
-        if smooth and None in row_values:
-          words = _hash_words(image_path)
-          row_values = [
-            lo + step * words[slot] if v is None else v
-            for v, slot in zip(row_values, hash_slots, strict=True)
-          ]
         match = _STUDY.search(image_path)
         if match is None:
           raise ValueError(
@@ -182,6 +178,12 @@ def read_csv(
           )
         first, _, rest = image_path.partition('/')
         relative = rest if first.startswith('CheXpert-v1.0') else image_path
+        if smooth and None in row_values:
+          words = _hash_words(relative)
+          row_values = [
+            lo + step * words[slot] if v is None else v
+            for v, slot in zip(row_values, hash_slots, strict=True)
+          ]
         ids.append(relative)
         images.append(prefix + relative)
         patients.append(match[1])
@@ -282,9 +284,10 @@ def _parse_value(
   )
 
 
-def _hash_words(image_path: str) -> tuple[int, ...]:
-  """16 integers uniform in [0, 2**32), fixed by the path: its 64-byte BLAKE2b digest read as uint32."""
-  return _DIGEST_WORDS.unpack(hashlib.blake2b(image_path.encode()).digest())
+def _hash_words(image_id: str) -> tuple[int, ...]:
+  """16 integers uniform in [0, 2**32), fixed by the image's id (its path below the dataset folder): the id's
+  64-byte BLAKE2b digest read as uint32."""
+  return _DIGEST_WORDS.unpack(hashlib.blake2b(image_id.encode()).digest())
 
 
 def _dataset_dir(root: str) -> str:

@@ -5,8 +5,13 @@ The grey-level pipeline follows the DICOM standard (PS3.3 C.11) in display order
   1. stored values -> Modality LUT (Modality LUT Sequence, or RescaleSlope / RescaleIntercept), via pydicom;
   2. VOI transform into 0..255: a VOI LUT Sequence when present (pydicom's `apply_voi_lut` prefers it too), else
      the first WindowCenter / WindowWidth pair (with VOILUTFunction LINEAR, LINEAR_EXACT or SIGMOID, computed by
-     pydicom's `apply_windowing`), else a min-max stretch of the image itself;
-  3. MONOCHROME1 (low values = bright) is inverted so that lungs are dark in every output.
+     pydicom's `apply_windowing`) when both values are there, finite and the width is at least 1, else a min-max
+     stretch of the image itself. Writers do leave the window tags present but empty, or write a width of 0; such
+     a window says nothing about the display, so it is treated as absent rather than as an error;
+  3. MONOCHROME1 (low values = bright), or a Presentation LUT Shape of INVERSE, is inverted so that lungs are dark
+     in every output. The two are one inversion, not two: PS3.3's DX Image module requires INVERSE exactly when
+     the image is MONOCHROME1 (and IDENTITY with MONOCHROME2), so a MONOCHROME1 radiograph carrying INVERSE is
+     inverted once, like any MONOCHROME1 file, while INVERSE on a MONOCHROME2 file inverts it.
 
 Why min-max when the file has no VOI: it is a plain linear map that keeps the whole stored range (dense bone,
 implants and burned-in markers are not clipped), and it is the normalisation the public VinDr-CXR / VinBigData
@@ -21,11 +26,13 @@ naming the file, and the transfer syntax when decoding fails.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
@@ -41,8 +48,8 @@ def read_dicom(path: str | os.PathLike) -> np.ndarray:
     path: the DICOM file (any transfer syntax an installed pydicom plugin decodes).
 
   Returns:
-    uint8 [Rows, Columns] after the Modality LUT, the first VOI LUT or window (else a min-max stretch) and, for
-    MONOCHROME1, inversion (see the module docstring).
+    uint8 [Rows, Columns] after the Modality LUT, the first VOI LUT or usable window (else a min-max stretch) and,
+    for MONOCHROME1 or Presentation LUT Shape INVERSE, inversion (see the module docstring).
 
   Raises:
     ValueError: naming the file when it is missing, not DICOM, truncated, has no pixel data, is multi-frame or
@@ -73,16 +80,18 @@ def read_dicom(path: str | os.PathLike) -> np.ndarray:
     values = apply_modality_lut(stored, ds)
     if ds.get('VOILUTSequence'):
       out = _apply_voi_lut_sequence(values, ds)
-    elif 'WindowCenter' in ds and 'WindowWidth' in ds:
-      out = _apply_window(values, ds)
+    elif (window := _window(ds)) is not None:
+      out = _apply_window(values, ds, *window)
     else:
       out = _min_max(values)
-  except (ValueError, TypeError, IndexError, NotImplementedError, AttributeError) as e:
-    # A malformed LUT or window (e.g. width < 1) surfaces here as pydicom's own error.
+  except (ValueError, TypeError, IndexError, KeyError, NotImplementedError, AttributeError) as e:
+    # A malformed LUT (e.g. one without LUT Data) or window value (not a number) surfaces here as pydicom's own
+    # error.
     raise ValueError(
       f'{path}: cannot apply the Modality / VOI LUT ({type(e).__name__}: {e})'
     ) from None
-  if photometric == 'MONOCHROME1':
+  shape = str(ds.get('PresentationLUTShape', '') or '').strip().upper()
+  if photometric == 'MONOCHROME1' or shape == 'INVERSE':
     out = 255.0 - out
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
@@ -151,8 +160,36 @@ def _apply_voi_lut_sequence(values: np.ndarray, ds: Dataset) -> np.ndarray:
   return (out - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(out)
 
 
-def _apply_window(values: np.ndarray, ds: Dataset) -> np.ndarray:
-  """The first WindowCenter / WindowWidth pair, straight into 0..255.
+def _window(ds: Dataset) -> tuple[float, float] | None:
+  """The first (WindowCenter, WindowWidth) pair, or None when either is absent or empty, or the pair is unusable.
+
+  Unusable: a value that is not finite, or a width below 1 (PS3.3 C.11.2.1.2 requires width >= 1).
+
+  Raises:
+    ValueError: a value that is there but is not a number.
+  """
+  center, width = (
+    _first(ds[name]) if name in ds else None for name in ('WindowCenter', 'WindowWidth')
+  )
+  if center is None or width is None:
+    return None
+  if not (math.isfinite(center) and math.isfinite(width) and width >= 1.0):
+    return None
+  return center, width
+
+
+def _first(element: DataElement) -> float | None:
+  """An element's first value as a number; None when it has no value or that value is empty."""
+  if element.VM == 0:
+    return None
+  value = element.value[0] if element.VM > 1 else element.value
+  if value is None or (isinstance(value, str) and not value.strip()):
+    return None
+  return float(value)
+
+
+def _apply_window(values: np.ndarray, ds: Dataset, center: float, width: float) -> np.ndarray:
+  """One WindowCenter / WindowWidth pair, straight into 0..255.
 
   pydicom's `apply_windowing` maps the window onto the output range it infers from BitsStored and the rescale;
   handing it a dataset that declares 8-bit unsigned output makes that range 0..255 exactly, with the Modality LUT
@@ -162,14 +199,10 @@ def _apply_window(values: np.ndarray, ds: Dataset) -> np.ndarray:
   view.PhotometricInterpretation = 'MONOCHROME2'
   view.BitsStored = 8
   view.PixelRepresentation = 0
-  view.WindowCenter = _first(ds['WindowCenter'])
-  view.WindowWidth = _first(ds['WindowWidth'])
+  view.WindowCenter = center
+  view.WindowWidth = width
   view.VOILUTFunction = str(ds.get('VOILUTFunction', '') or 'LINEAR')
   return apply_windowing(values, view)
-
-
-def _first(element) -> float:
-  return float(element.value[0] if element.VM > 1 else element.value)
 
 
 def _min_max(values: np.ndarray) -> np.ndarray:

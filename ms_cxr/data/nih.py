@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TextIO
 
 import numpy as np
+from absl import logging
 
 from ms_cxr.data import bad_input
 from ms_cxr.data.labels import NIH_LABELS
@@ -55,6 +56,8 @@ BOX_IMAGE_SIZE = 1024.0
 _BOX_LABEL_ALIASES = {'Infiltrate': 'Infiltration'}
 
 _IMAGE_SUBFOLDER = re.compile(r'images_\d{3}')
+# How many image names a warning about the split lists quotes.
+_NAMES_QUOTED = 5
 
 _IMAGE = 'Image Index'
 _FINDINGS = 'Finding Labels'
@@ -272,7 +275,8 @@ def read_records(
     root: the dataset folder (layout in the module docstring).
     split: 'test' (official test_list.txt), 'train_val' (official train_val_list.txt), 'train' / 'val'
       (train_val_list.txt carved by patient: `val_fraction` of its patients go to 'val', chosen by `seed`
-      with `carve_val_patients`) or 'all' (every row; needs no list file).
+      with `carve_val_patients`) or 'all' (every row; needs no list file). Listed images without a Data_Entry
+      row, and rows in neither list, are left out with a warning (absl logging).
     val_fraction: fraction of the train_val patients in 'val'.
     seed: selects the train/val carve.
     views: View Position values to keep (case-insensitive).
@@ -298,7 +302,9 @@ def read_records(
   rows = read_data_entry(entry_path)
 
   if split != 'all':
-    listed = _read_list(os.path.join(root, TEST_LIST if split == 'test' else TRAIN_VAL_LIST), split)
+    list_path = os.path.join(root, TEST_LIST if split == 'test' else TRAIN_VAL_LIST)
+    listed = _read_list(list_path, split)
+    _warn_list_mismatch(root, entry_path, rows, list_path, listed)
     rows = [r for r in rows if r.image_index in listed]
   if split in ('train', 'val'):
     val_patients = carve_val_patients((r.patient_id for r in rows), val_fraction, seed)
@@ -428,6 +434,58 @@ def _read_list(path: str, split: str) -> frozenset[str]:
     raise ValueError(f'{path} is missing; split {split!r} needs the official ChestX-ray14 list')
   with open(path, encoding='utf-8') as f:
     return frozenset(line.strip() for line in f if line.strip())
+
+
+def _warn_list_mismatch(
+  root: str,
+  entry_path: str,
+  rows: Sequence[DataEntryRow],
+  list_path: str,
+  listed: frozenset[str],
+) -> None:
+  """Warns (absl) about images the split lists and the label file do not agree on; both leave them out.
+
+  Two mismatches, each counted with the first few names:
+    - names in the split's list without a Data_Entry row (no labels, so no record);
+    - Data_Entry rows in neither train_val_list.txt nor test_list.txt (in no split but 'all'); checked only when
+      both lists exist.
+  The official lists and Data_Entry cover exactly the same 112,120 images, as do the lists and labels of a
+  subset cut consistently (lists restricted to the subset's images), so on a sound download neither fires. A
+  subset that keeps the full official lists beside a cut Data_Entry does get the first warning, for every image
+  left out: it is not silenced, since a truncated or wrong Data_Entry looks just the same. Rows skipped as bad
+  (`bad_input.collecting()`) count as absent.
+  """
+  present = frozenset(r.image_index for r in rows)
+  unlabelled = sorted(listed - present)
+  if unlabelled:
+    logging.warning(
+      '%s: %d of its %d images have no row in %s%s and are left out, e.g. %s',
+      list_path,
+      len(unlabelled),
+      len(listed),
+      entry_path,
+      ' (or only a bad row, skipped)' if bad_input.skipping() else '',
+      ', '.join(unlabelled[:_NAMES_QUOTED]),
+    )
+  is_test = os.path.basename(list_path) == TEST_LIST
+  other = os.path.join(root, TRAIN_VAL_LIST if is_test else TEST_LIST)
+  if not os.path.isfile(other):
+    return
+  unlisted = [r for r in rows if r.image_index not in listed]
+  if unlisted:
+    in_other = _read_list(other, 'train_val' if is_test else 'test')
+    unlisted = [r for r in unlisted if r.image_index not in in_other]
+  if unlisted:
+    logging.warning(
+      '%s: %d of its %d rows are in neither %s nor %s, so in no split but %r, e.g. %s',
+      entry_path,
+      len(unlisted),
+      len(rows),
+      TRAIN_VAL_LIST,
+      TEST_LIST,
+      'all',
+      ', '.join(f'row {r.row} {r.image_index}' for r in unlisted[:_NAMES_QUOTED]),
+    )
 
 
 def _image_paths(

@@ -24,8 +24,10 @@ read, else `train.csv`.
 
 Readers: each training image was read independently by 3 of 17 radiologists; the PhysioNet test images carry one
 consensus reading of 5 radiologists. `aggregate` turns an image's readings into one label vector: 'any' (positive
-if any reader marked it) or 'majority' (positive if more than half of that image's readers did). Under 'majority'
-an image can be negative for every label including 'No finding' (e.g. three readers, three different findings).
+if any reader marked it) or 'majority' (positive if more than half of that image's readers did). Either way
+'No finding' ends up positive only when no other label is, since it means "none of them" (`aggregate_labels`).
+Under 'majority' an image can be negative for every label including 'No finding' (e.g. three readers, three
+different findings).
 
 Patients: VinDr-CXR releases no patient ids (de-identification removed them), so each image is its own patient
 (and study) here, and the train/val carve is by image id. Should the release hold several images of one patient,
@@ -186,6 +188,9 @@ _CLASS_NAME = 'class_name'
 _CLASS_ID = 'class_id'
 _COORDINATES = ('x_min', 'y_min', 'x_max', 'y_max')
 _LABEL_VALUES = {'0': 0.0, '1': 1.0, '0.0': 0.0, '1.0': 1.0}
+# Header spellings of image_labels_*.csv -> the name used here: the PhysioNet 1.0.0 train file spells the last
+# global label 'Other diseases' where its test file has 'Other disease'; both read as one label.
+_HEADER_ALIASES = {'Other diseases': 'Other disease'}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -216,37 +221,55 @@ class Readings:
     names: the label names, one column each.
     images: image id -> that image's readings, float32 [num_readers, len(names)] of 0/1, in file order.
     rows: image id -> the 1-based data row where it first appears.
+    from_header: whether `names` come from the file's header (image_labels_*.csv), where a label that is not
+      among them is a column the file lacks (or spells differently), rather than from a vocabulary fixed here
+      (box files), where it is a label the release does not have.
   """
 
   path: str
   names: tuple[str, ...]
   images: dict[str, np.ndarray]
   rows: dict[str, int]
+  from_header: bool = False
 
 
-def aggregate_labels(readings: np.ndarray, aggregate: str = 'majority') -> np.ndarray:
+def aggregate_labels(
+  readings: np.ndarray, aggregate: str = 'majority', no_finding: int | None = None
+) -> np.ndarray:
   """Combines the readings of one image into one label vector.
 
   Args:
     readings: 0/1 values [num_readers, num_labels], one row per radiologist who read the image.
     aggregate: 'any' (1 where any reader has 1) or 'majority' (1 where more than half of the readers have 1; a
       tie, e.g. 2 of 4, is 0).
+    no_finding: the column of 'No finding', if any. It means "none of the other labels", so after aggregation it
+      is 1 only where every other label is 0: under 'any', one reader's 'No finding' beside another reader's
+      finding would otherwise make it 1 together with that finding (under 'majority' the same can only come
+      from readers who marked both, which a label file may hold).
 
   Returns:
     float32 [num_labels] of 0/1.
 
   Raises:
-    ValueError: unknown `aggregate`, or no readings.
+    ValueError: unknown `aggregate`, no readings, or `no_finding` outside the columns.
   """
   readings = np.asarray(readings, np.float32)
   if aggregate not in AGGREGATIONS:
     raise ValueError(f'aggregate={aggregate!r} is unknown; expected one of {AGGREGATIONS}')
   if readings.ndim != 2 or readings.shape[0] == 0:
     raise ValueError(f'readings of shape {readings.shape}: expected [num_readers >= 1, num_labels]')
+  if no_finding is not None and not 0 <= no_finding < readings.shape[1]:
+    raise ValueError(
+      f'no_finding={no_finding} is not a column of readings of shape {readings.shape}'
+    )
   votes = (readings == 1.0).sum(0)
   if aggregate == 'any':
-    return (votes >= 1).astype(np.float32)
-  return (2 * votes > readings.shape[0]).astype(np.float32)
+    out = (votes >= 1).astype(np.float32)
+  else:
+    out = (2 * votes > readings.shape[0]).astype(np.float32)
+  if no_finding is not None and np.delete(out, no_finding).any():
+    out[no_finding] = 0.0
+  return out
 
 
 def map_labels(
@@ -349,10 +372,11 @@ def read_image_labels(path: str | os.PathLike) -> Readings:
 
   Args:
     path: the file (.csv or .csv.gz). Every column besides `image_id` and `rad_id` (any case; absent in a
-      consensus file) is a label, named as in the header.
+      consensus file) is a label, named as in the header ('Other diseases', the train file's spelling, is read
+      as 'Other disease'). `read_records` checks the names it needs against the header.
 
   Returns:
-    The readings, with the header's label names.
+    The readings, with the header's label names (`from_header` set).
 
   Raises:
     ValueError: naming the file (and 1-based data row) for a missing image_id column, no label column, a repeated
@@ -363,7 +387,7 @@ def read_image_labels(path: str | os.PathLike) -> Readings:
     image_col = _column(path, header, _IMAGE_ID)
     rad_col = _column(path, header, _RAD_ID, required=False)
     label_cols = [j for j in range(len(header)) if j not in (image_col, rad_col)]
-    names = tuple(header[j] for j in label_cols)
+    names = tuple(_HEADER_ALIASES.get(header[j], header[j]) for j in label_cols)
     if not names or len(set(names)) != len(names):
       raise ValueError(f'{path}: header {header} must name each label column once, at least one')
     images: dict[str, list[np.ndarray]] = {}
@@ -387,7 +411,9 @@ def read_image_labels(path: str | os.PathLike) -> Readings:
         seen[image, rad] = n
         first.setdefault(image, n)
         images.setdefault(image, []).append(np.asarray(values, np.float32))
-  return Readings(str(path), names, {k: np.stack(v) for k, v in images.items()}, first)
+  return Readings(
+    str(path), names, {k: np.stack(v) for k, v in images.items()}, first, from_header=True
+  )
 
 
 def readings_from_annotations(
@@ -450,10 +476,12 @@ def read_records(
     seed: selects the train/val carve.
     labels: the label order of `Record.labels`. Default: the file's VinDr labels ('vindr': the image_labels
       header, or VINDR_FINDINGS for Kaggle, or VINDR_LOCAL_LABELS + 'No finding' when derived from PhysioNet
-      boxes), CHEXPERT_LABELS ('chexpert') or NIH_LABELS ('nih'). Names must come from that space; a VinDr
-      label the file does not have is NaN.
+      boxes), CHEXPERT_LABELS ('chexpert') or NIH_LABELS ('nih'). Names must come from that space. A VinDr
+      label that a box file cannot have (Kaggle's 8 dropped local labels, the global labels) is NaN; one missing
+      from an image_labels header is an error, since there it is a column left out or spelt otherwise.
     label_space: 'vindr', 'chexpert' or 'nih' (VinDr labels mapped with TO_CHEXPERT / TO_NIH; target labels
-      without a source in the file are NaN, never 0).
+      without a source in a box file are NaN, never 0; with an image_labels file every source of a requested
+      target must be a column, so that no target quietly loses part of its definition).
     aggregate: how an image's readers combine, 'any' or 'majority' (`aggregate_labels`).
     skip_missing_images: drop records whose image is missing instead of raising. Existence is checked only when
       the split's image folder (`train/` or `test/`) exists; without it, records point at
@@ -466,8 +494,10 @@ def read_records(
 
   Raises:
     ValueError: unknown split, label space, aggregation or label, val_fraction outside [0, 1), no VinDr layout,
-      'test' on Kaggle, missing label files, a malformed file (see `read_annotations`, `read_image_labels`),
-      a box outside its image, or missing images (unless `skip_missing_images`).
+      'test' on Kaggle, missing label files, an image_labels header without a label asked for (or a source of
+      one), a malformed file (see `read_annotations`, `read_image_labels`), or missing images (unless
+      `skip_missing_images`); and, unless bad rows are skipped (`bad_input.collecting()`), a box outside its
+      image or a DICOM whose header cannot be read (the error names the box file's row and the DICOM).
   """
   root = os.path.abspath(root)
   if split not in SPLITS:
@@ -484,9 +514,10 @@ def read_records(
     val_ids = carve_val_patients(image_ids, val_fraction, seed)
     image_ids = [i for i in image_ids if (i in val_ids) == (split == 'val')]
   source = np.zeros((len(image_ids), len(readings.names)), np.float32)
+  no_finding = readings.names.index(NO_FINDING) if NO_FINDING in readings.names else None
   for k, image_id in enumerate(image_ids):
-    source[k] = aggregate_labels(readings.images[image_id], aggregate)
-  matrix = _labels_in_space(source, readings.names, labels, label_space)
+    source[k] = aggregate_labels(readings.images[image_id], aggregate, no_finding)
+  matrix = _labels_in_space(source, readings, labels, label_space)
 
   image_paths = _image_paths(root, folder, image_ids, readings, skip_missing_images)
   boxes = _boxes_by_image(annotations)
@@ -541,18 +572,23 @@ def _read_split_files(root: str, folder: str) -> tuple[Readings, list[Annotation
 
 
 def _labels_in_space(
-  source: np.ndarray, names: Sequence[str], labels: Sequence[str] | None, label_space: str
+  source: np.ndarray, readings: Readings, labels: Sequence[str] | None, label_space: str
 ) -> np.ndarray:
   """The aggregated VinDr label matrix in the requested label space and order."""
+  names = readings.names
   if label_space == 'vindr':
     vocabulary = tuple(dict.fromkeys((*names, *VINDR_LABELS, *VINDR_FINDINGS)))
     labels = tuple(names) if labels is None else tuple(labels)
     _check_labels(labels, vocabulary)
-    return map_labels(source, names, labels, {name: (name,) for name in names})
-  vocabulary = CHEXPERT_LABELS if label_space == 'chexpert' else NIH_LABELS
-  labels = vocabulary if labels is None else tuple(labels)
-  _check_labels(labels, vocabulary)
-  return map_labels(source, names, labels, TO_CHEXPERT if label_space == 'chexpert' else TO_NIH)
+    mapping = {name: (name,) for name in labels}
+  else:
+    vocabulary = CHEXPERT_LABELS if label_space == 'chexpert' else NIH_LABELS
+    labels = vocabulary if labels is None else tuple(labels)
+    _check_labels(labels, vocabulary)
+    mapping = TO_CHEXPERT if label_space == 'chexpert' else TO_NIH
+  if readings.from_header:
+    _check_columns(readings, labels, label_space, mapping)
+  return map_labels(source, names, labels, mapping)
 
 
 def _check_labels(labels: Sequence[str], vocabulary: Sequence[str]) -> None:
@@ -561,6 +597,39 @@ def _check_labels(labels: Sequence[str], vocabulary: Sequence[str]) -> None:
     raise ValueError(f'labels {unknown} are unknown; expected names from {tuple(vocabulary)}')
   if not labels or len(set(labels)) != len(labels):
     raise ValueError(f'labels={list(labels)} must name each label once, at least one')
+
+
+def _check_columns(
+  readings: Readings,
+  labels: Sequence[str],
+  label_space: str,
+  mapping: Mapping[str, Sequence[str]],
+) -> None:
+  """Raises when a label asked for, or a VinDr source of a mapped one, is not a column of an image_labels file.
+
+  Its header names the labels, so a column spelt otherwise than VINDR_LABELS ('Pleural Effusion') would read as
+  a label the file lacks: NaN throughout, or for a target with several sources (CheXpert's Lung Lesion) a
+  narrower definition made of the sources that are left. Columns the file has but nobody asks for are fine.
+  """
+  present = frozenset(readings.names)
+  wanted = frozenset(labels)
+  missing = {
+    source: [t for t in targets if t in wanted]
+    for source, targets in mapping.items()
+    if source not in present and any(t in wanted for t in targets)
+  }
+  if not missing:
+    return
+  if label_space == 'vindr':
+    what = f'label(s) {list(missing)} asked for'
+  else:
+    needs = ', '.join(f'{s!r} (for {", ".join(map(repr, t))})' for s, t in missing.items())
+    what = f'the VinDr source(s) of {label_space} labels asked for: {needs}'
+  unknown = [name for name in readings.names if name not in VINDR_LABELS]
+  found = f'; its columns {unknown} are not VinDr labels' if unknown else ''
+  raise ValueError(
+    f'{readings.path}: header has no column for {what}{found}; expected label names from {VINDR_LABELS}'
+  )
 
 
 def _image_paths(
@@ -599,19 +668,39 @@ def _boxes_by_image(annotations: Sequence[Annotation]) -> dict[str, list[Annotat
 def _to_fractions(
   box_path: str | None, annotations: Sequence[Annotation], image: str
 ) -> tuple[Box, ...]:
-  """Pixel boxes -> image fractions, using the DICOM header's size; clipped to the image."""
-  height, width = dicom.read_size(image)
+  """Pixel boxes -> image fractions, using the DICOM header's size; clipped to the image.
+
+  Each box is a row of the box file, so bad ones follow the bad row policy (`bad_input`): under `collecting()` a
+  box outside the image is dropped with its message recorded, and a DICOM whose header cannot be read (empty,
+  truncated, not DICOM, no Rows / Columns) drops all the image's boxes with one message naming the DICOM and the
+  rows; outside it both raise. The record itself stays either way: its labels come from rows that did parse,
+  and an image that does not decode is the pipeline's to count or skip.
+  """
+  size = None
+  with bad_input.ROW:  # data.skip_bad: an unreadable DICOM header skips the image's box rows
+    try:
+      size = dicom.read_size(image)
+    except ValueError as e:
+      rows = ', '.join(str(a.row) for a in annotations)
+      raise ValueError(
+        f'{box_path} row {annotations[0].row}: cannot place the boxes of image '
+        f'{annotations[0].image_id!r} (box rows {rows}): {e}'
+      ) from None
+  if size is None:
+    return ()
+  height, width = size
   out = []
   for a in annotations:
-    x_min, y_min, x_max, y_max = a.box
-    x0, y0 = x_min / width, y_min / height
-    x1, y1 = min(x_max / width, 1.0), min(y_max / height, 1.0)
-    if not (x0 < x1 and y0 < y1):
-      raise ValueError(
-        f'{box_path} row {a.row}: box {a.box} px lies outside image {a.image_id!r} of '
-        f'{width} x {height} px'
-      )
-    out.append(Box(a.class_name, x0, y0, x1, y1))
+    with bad_input.ROW:  # data.skip_bad: a box outside the image is skipped and counted
+      x_min, y_min, x_max, y_max = a.box
+      x0, y0 = x_min / width, y_min / height
+      x1, y1 = min(x_max / width, 1.0), min(y_max / height, 1.0)
+      if not (x0 < x1 and y0 < y1):
+        raise ValueError(
+          f'{box_path} row {a.row}: box {a.box} px lies outside image {a.image_id!r} of '
+          f'{width} x {height} px'
+        )
+      out.append(Box(a.class_name, x0, y0, x1, y1))
   return tuple(out)
 
 
