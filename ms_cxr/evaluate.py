@@ -55,29 +55,50 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f'{path} not found: is {workdir!r} a training workdir?') from None
   except json.JSONDecodeError as e:
     raise UserError(f'{path}: not valid JSON ({e})') from None
-  config = _with_defaults(values)
-  config.data.sizes = tuple(config.data.sizes)
-  config.data.labels = tuple(config.data.labels)
-  return config
+  if not isinstance(values, dict):
+    raise UserError(f'{path}: expected a JSON object of config sections')
+  return _with_defaults(values)
+
+
+def _as_tuple(value: Any) -> Any:
+  """A JSON list (config_lib.to_json writes tuples as lists) back as a tuple, nested lists included."""
+  if isinstance(value, list):
+    return tuple(_as_tuple(v) for v in value)
+  return value
 
 
 def _with_defaults(values: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A workdir's config, with fields added since it was written taken from configs/base.py when importable."""
+  """A workdir's config, with fields added since it was written taken from configs/base.py when importable.
+
+  JSON has no tuples, so a list comes back as a tuple wherever the default is one: ml_collections cannot
+  override a list field from the command line (`--config.eval.tta=hflip` on a list is an error), and the
+  code compares sizes and labels as tuples. Without configs/base.py every list becomes a tuple, as no field
+  is a list.
+  """
   try:
     from configs import base  # the repository's configs/ (on sys.path when run from the checkout)
   except ImportError:
-    return ml_collections.ConfigDict(values)
+    return ml_collections.ConfigDict(_tuples_everywhere(values))
   merged = base.get_config().to_dict()
 
   def merge(into: dict[str, Any], update: dict[str, Any]) -> None:
     for key, value in update.items():
-      if isinstance(value, dict) and isinstance(into.get(key), dict):
-        merge(into[key], value)
+      default = into.get(key)
+      if isinstance(value, dict) and isinstance(default, dict):
+        merge(default, value)
+      elif isinstance(value, list) and isinstance(default, tuple):
+        into[key] = _as_tuple(value)
       else:
         into[key] = value
 
   merge(merged, values)
   return ml_collections.ConfigDict(merged)
+
+
+def _tuples_everywhere(values: Any) -> Any:
+  if isinstance(values, dict):
+    return {key: _tuples_everywhere(value) for key, value in values.items()}
+  return _as_tuple(values)
 
 
 def _restore(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataParallel):
@@ -91,7 +112,7 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataP
     schedule = train.create_learning_rate_schedule(config.optim, config.train.num_steps)
     template = jax.eval_shape(
       lambda: train.create_train_state(
-        config, model, train.create_optimizer(config.optim, schedule)
+        config, model, train.create_optimizer(config.optim, schedule), load_init_from=False
       )
     )
     replicated = jax.sharding.NamedSharding(dp.mesh, jax.sharding.PartitionSpec())
@@ -179,11 +200,57 @@ def _full_score(
     result['mean_auroc_ci'] = None if mean['lo'] is None else [mean['lo'], mean['hi']]
     result['bootstrap'] = {
       'num_resamples': ci['num_resamples'],
+      # Resamples in which every label of the mean had both classes: the mean's interval uses these alone.
+      'mean_num_resamples_used': mean['num_resamples_used'],
       'seed': ci['seed'],
       'alpha': ci['alpha'],
       'unit': 'patient',
     }
   return result
+
+
+def validate_eval_config(config: ml_collections.ConfigDict, dp: parallel.DataParallel) -> None:
+  """What an evaluation needs of the config, checked before anything is loaded.
+
+  train.validate_config is not used: it checks training-only fields against this machine (the global training
+  batch and its accum_steps micro-batches per device), which would refuse to evaluate a run on a machine with
+  another device count although evaluation never uses them.
+  """
+  sizes = tuple(config.data.sizes)
+  if not sizes or len(set(sizes)) != len(sizes) or min(sizes) < 16:
+    raise UserError(f'config.data.sizes={sizes} must be distinct sizes of at least 16 px')
+  labels = tuple(config.data.labels)
+  if not labels or len(set(labels)) != len(labels):
+    raise UserError(f'config.data.labels={labels} must be distinct label names, at least one')
+  if config.eval.fusion not in fusion.FUSIONS:
+    raise UserError(f'config.eval.fusion={config.eval.fusion!r}; expected one of {fusion.FUSIONS}')
+  unknown_views = [v for v in train.tta_views(config) if v not in train.TTA_VIEWS]
+  if unknown_views:
+    raise UserError(f'config.eval.tta has {unknown_views}; expected views from {train.TTA_VIEWS}')
+  if config.eval.batch_size <= 0 or config.eval.batch_size % dp.num_devices:
+    raise UserError(
+      f'config.eval.batch_size={config.eval.batch_size} must be a positive multiple of {dp.num_devices} devices'
+    )
+  chosen_on_val = _chosen_on_val(config)
+  if chosen_on_val and config.eval.split == config.eval.val_split:
+    raise UserError(
+      f'config.eval.split={config.eval.split!r} is also config.eval.val_split, where '
+      f'{" and ".join(chosen_on_val)} would choose on the split being scored; expected another eval.split or '
+      'eval.val_split, or those off'
+    )
+
+
+def _chosen_on_val(config: ml_collections.ConfigDict) -> list[str]:
+  """The settings under which this evaluation uses something chosen on `eval.val_split`."""
+  chosen = []
+  if config.eval.step < 0 and config.eval.checkpoint == 'best':
+    chosen.append('eval.checkpoint=best')  # the best validation AUROC during training
+  # An ensemble fuses its members by mean probability. (Validation thresholds are not chosen here: scoring the
+  # validation split itself simply leaves them out, as they would be the Youden points already reported.)
+  if not config.eval.ensemble_workdirs.strip():
+    if len(config.data.sizes) > 1 and config.eval.fusion == 'best_on_val':
+      chosen.append('eval.fusion=best_on_val')
+  return chosen
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -197,10 +264,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     The metrics dictionary written to metrics.json.
 
   Raises:
-    UserError: no such checkpoint, or one that does not match the config.
+    UserError: no such checkpoint, or one that does not match the config; thresholds, sizes or the checkpoint
+      chosen on the split being scored (eval.val_split equal to eval.split).
   """
   dp = parallel.DataParallel.create(config.parallel.api, config.parallel.num_devices)
-  train.validate_config(config, dp)
+  validate_eval_config(config, dp)
   labels = tuple(config.data.labels)
   skipped_rows: list[str] = []
   records = datasets.load_split(config.data, config.eval.split, skipped_rows)
@@ -217,8 +285,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     targets = label_matrix(records, len(labels))
   else:
     best_on_val = len(config.data.sizes) > 1 and config.eval.fusion == 'best_on_val'
+    val_thresholds = config.eval.val_thresholds and config.eval.split != config.eval.val_split
     val_records = []
-    if best_on_val or config.eval.val_thresholds:
+    if best_on_val or val_thresholds:
       val_records = datasets.load_split(config.data, config.eval.val_split)
     run = _predict_run(config, workdir, records, val_records, dp)
     result = {'checkpoint_step': run.step, 'num_params': run.num_params}
@@ -238,11 +307,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         str(s): _score(fusion.sigmoid(logits[s]), targets, labels) for s in sorted(logits)
       }
       probs = fusion.fuse(logits, config.eval.fusion, best)
-      if val_records and config.eval.val_thresholds:
+      if val_records and val_thresholds:
         val_probs = fusion.fuse(val_logits, config.eval.fusion, best)
     else:
       probs = fusion.sigmoid(next(iter(logits.values())))
-      if val_records and config.eval.val_thresholds:
+      if val_records and val_thresholds:
         val_probs = fusion.sigmoid(next(iter(val_logits.values())))
   if config.data.skip_bad:
     result['skipped_rows'] = len(skipped_rows)
@@ -680,25 +749,58 @@ def _main(argv) -> None:
       print(format_table(result))
 
 
-def _define_flags(argv: list[str]) -> None:
-  """--config from a file when given, else the workdir's config.json (overridable the same way)."""
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+  """The value of `--name=V` or `--name V` (absl accepts both, and one dash) in `argv`; None when absent."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg == '--':
+      break
+    for prefix in (f'--{name}', f'-{name}'):
+      if arg.startswith(prefix + '='):
+        value = arg[len(prefix) + 1 :]
+      elif arg == prefix:
+        value = argv[i + 1] if i + 1 < len(argv) else ''  # absl reports the missing value
+  return value
+
+
+def _define_flags(argv: list[str], flag_values: Any = None) -> None:
+  """--config from a file when given, else the workdir's config.json (overridable the same way).
+
+  Args:
+    argv: the command line (the program first), read for --config and --workdir before absl parses it.
+    flag_values: where the flags are defined; absl's global FLAGS when None.
+  """
   from absl import flags
   from ml_collections import config_flags
 
-  flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
+  flag_values = flags.FLAGS if flag_values is None else flag_values
+  flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.', flag_values=flag_values)
   # --eval_name is ms_cxr.report's flag (imported above): the report folder under each workdir's eval/.
-  flags.DEFINE_string('out', '', "compare: output folder ('' = A's report folder).")
-  if any(a == '--config' or a.startswith('--config=') for a in argv):
-    config_flags.DEFINE_config_file('config', None, 'Config file, as for ms_cxr.main.')
+  flags.DEFINE_string(
+    'out', '', "compare: output folder ('' = A's report folder).", flag_values=flag_values
+  )
+  if _flag_value(argv, 'config') is not None:
+    config_flags.DEFINE_config_file(
+      'config', None, 'Config file, as for ms_cxr.main.', flag_values=flag_values, sys_argv=argv
+    )
     return
-  workdir = next((a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')), None)
+  workdir = _flag_value(argv, 'workdir')
   if workdir is None or (argv[1:2] == ['compare']):
-    config_flags.DEFINE_config_dict('config', ml_collections.ConfigDict({'parallel': {}}))
+    config_flags.DEFINE_config_dict(
+      'config',
+      ml_collections.ConfigDict({'parallel': {}}),
+      flag_values=flag_values,
+      sys_argv=argv,
+    )
     return
   with cli.user_errors():
     config = load_workdir_config(workdir)
   config_flags.DEFINE_config_dict(
-    'config', config, "The run's config.json; override fields with --config.X=V"
+    'config',
+    config,
+    "The run's config.json; override fields with --config.X=V",
+    flag_values=flag_values,
+    sys_argv=argv,
   )
 
 

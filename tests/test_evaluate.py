@@ -1,0 +1,150 @@
+"""Evaluation of a workdir as `python -m ms_cxr.evaluate` sees it: its config.json, the command line, the config
+checks evaluation makes (and the training-only ones it does not)."""
+
+import json
+
+import pytest
+from absl import flags
+
+from ms_cxr import checkpointing, evaluate, models, parallel, train
+from ms_cxr.errors import UserError
+
+
+def _config_fields(config, prefix=''):
+  """{dotted name: value} of every leaf field."""
+  fields = {}
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      fields.update(_config_fields(value, f'{prefix}{key}.'))
+    else:
+      fields[f'{prefix}{key}'] = value
+  return fields
+
+
+@pytest.fixture(scope='module')
+def untrained_workdir(tmp_path_factory):
+  """A smoke DenseNet's config.json, whose model.init_from no longer exists, and its initial state saved as
+  step 1 (no training)."""
+  from configs import densenet
+
+  config = densenet.get_config('smoke')
+  config.ckpt.async_save = False
+  config.model.init_from = str(tmp_path_factory.mktemp('moved') / 'densenet121.pth')
+  workdir = str(tmp_path_factory.mktemp('runs') / 'untrained')
+  train.prepare_workdir(config, workdir)
+  model = models.create_model(config.model, len(config.data.labels), config.data.sizes)
+  schedule = train.create_learning_rate_schedule(config.optim, config.train.num_steps)
+  state = train.create_train_state(
+    config, model, train.create_optimizer(config.optim, schedule), load_init_from=False
+  )
+  ckpt = checkpointing.Checkpointer(workdir, config.ckpt)
+  ckpt.save(1, state, None, checkpointing.checkpoint_meta(config, step=1))
+  ckpt.wait()
+  ckpt.close()
+  return workdir
+
+
+def _quick(config):
+  """A few images and no extras: what these tests check does not need them."""
+  config.eval.max_images = 16
+  config.eval.bootstrap_resamples = 0
+  config.eval.plots = False
+  config.eval.localization = False
+  config.eval.heatmap_images = 0
+  config.eval.val_thresholds = False
+  return config
+
+
+def test_workdir_config_has_tuples_wherever_the_defaults_do(untrained_workdir):
+  from configs import base
+
+  config = evaluate.load_workdir_config(untrained_workdir)
+  defaults = _config_fields(base.get_config())
+  loaded = _config_fields(config)
+  tuple_fields = [name for name, value in defaults.items() if isinstance(value, tuple)]
+  assert 'eval.tta' in tuple_fields and 'data.augment.scale_range' in tuple_fields
+  for name in tuple_fields:
+    assert isinstance(loaded[name], tuple), name
+  assert loaded['data.sizes'] == (32,) and loaded['optim.step_boundaries'] == ()
+
+
+@pytest.mark.parametrize('form', ['--workdir=DIR', '--workdir DIR'])
+def test_command_line_loads_the_workdir_config_and_overrides_tuple_fields(untrained_workdir, form):
+  workdir_args = [a.replace('DIR', untrained_workdir) for a in form.split(' ')]
+  argv = [
+    'evaluate',
+    *workdir_args,
+    '--config.eval.tta=hflip,zoom',
+    '--config.data.augment.scale_range=(0.9, 1.1)',
+  ]
+  flag_values = flags.FlagValues()
+  evaluate._define_flags(argv, flag_values)
+  flag_values(argv)
+  config = flag_values.config
+  assert flag_values.workdir == untrained_workdir
+  assert config.model.name == 'densenet_tiny' and config.data.sizes == (32,)
+  assert config.parallel.coordinator_address == ''
+  assert config.eval.tta == ('hflip,zoom',) and train.tta_views(config) == ('hflip', 'zoom')
+  assert config.data.augment.scale_range == (0.9, 1.1)
+
+
+@pytest.mark.parametrize('form', ['--config=FILE', '--config FILE'])
+def test_command_line_config_file_in_either_form(form):
+  argv = ['evaluate', *form.replace('FILE', 'configs/densenet.py:smoke').split(' '), '--workdir=x']
+  flag_values = flags.FlagValues()
+  evaluate._define_flags(argv, flag_values)
+  flag_values(argv)
+  assert flag_values.config.model.name == 'densenet_tiny'
+
+
+def test_evaluation_needs_neither_init_from_nor_training_batch_checks(untrained_workdir):
+  config = _quick(evaluate.load_workdir_config(untrained_workdir))
+  with open(f'{untrained_workdir}/config.json') as f:
+    assert json.load(f)['model']['init_from'] == config.model.init_from
+  result = evaluate.evaluate(config, untrained_workdir)
+  assert result['checkpoint_step'] == 1 and result['num_images'] == 16
+  # A run trained on other devices: 3 images per device (of 2 here) do not split into 2 micro-batches.
+  config.train.global_batch_size = 6
+  config.train.accum_steps = (2,)
+  with pytest.raises(UserError, match='accum_steps'):
+    train.validate_config(config, parallel.DataParallel.create('shard_map', 0))
+  assert evaluate.evaluate(config, untrained_workdir)['checkpoint_step'] == 1
+  # What evaluation does use is still checked.
+  config.eval.batch_size = 15
+  with pytest.raises(
+    UserError, match=r'config.eval.batch_size=15 must be a positive multiple of 2'
+  ):
+    evaluate.evaluate(config, untrained_workdir)
+
+
+@pytest.mark.parametrize(
+  'overrides, refused',
+  [
+    ({'eval.checkpoint': 'best'}, 'eval.checkpoint=best'),
+    ({'data.sizes': (32, 48), 'eval.fusion': 'best_on_val'}, 'eval.fusion=best_on_val'),
+  ],
+)
+def test_nothing_is_chosen_on_the_split_being_scored(untrained_workdir, overrides, refused):
+  config = _quick(evaluate.load_workdir_config(untrained_workdir))
+  config.model.init_from = ''  # only the split check is under test here
+  config.eval.split = config.eval.val_split = 'val'
+  for name, value in overrides.items():
+    section, field = name.split('.')
+    config[section][field] = value
+  with pytest.raises(
+    UserError, match=r"config.eval.split='val' is also config.eval.val_split"
+  ) as e:
+    evaluate.evaluate(config, untrained_workdir)
+  assert refused in str(e.value)
+
+
+def test_the_validation_split_itself_may_be_scored_with_nothing_chosen_on_it(untrained_workdir):
+  config = _quick(evaluate.load_workdir_config(untrained_workdir))
+  config.model.init_from = ''
+  config.eval.split = config.eval.val_split
+  config.eval.checkpoint = 'best'
+  config.eval.step = 1  # an explicit step: not the validation-chosen checkpoint
+  config.eval.val_thresholds = True  # left out: they would be this split's own Youden points
+  result = evaluate.evaluate(config, untrained_workdir)
+  assert result['split'] == 'val'
+  assert 'operating_points_val_threshold' not in result and result['operating_points']
