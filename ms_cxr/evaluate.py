@@ -20,6 +20,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -334,7 +335,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if config.data.dataset == 'vindr' and config.data.vindr.label_space != 'vindr':
     result['label_mapping'] = _vindr_mapping(config.data.vindr.label_space, labels)
 
-  out_dir = os.path.join(workdir, 'eval', config.eval.name or config.eval.split)
+  out_dir = os.path.join(workdir, 'eval', report_name(config))
   maps = None
   if run is not None and (config.eval.heatmap_images or config.eval.localization):
     maps = _attention_outputs(config, run, records, probs, result)
@@ -427,13 +428,43 @@ def compute_attention_maps(config, variables, records, size: int) -> np.ndarray:
   return np.concatenate(out)
 
 
+def report_name(config: ml_collections.ConfigDict) -> str:
+  """The report folder under <workdir>/eval/: `eval.name`, else the split, with `_best` or `_step<N>` when the
+  checkpoint is not the latest (so that evaluating another checkpoint never replaces the latest's report)."""
+  if config.eval.name:
+    return config.eval.name
+  if config.eval.step >= 0:
+    return f'{config.eval.split}_step{config.eval.step}'
+  if config.eval.checkpoint == 'best':
+    return f'{config.eval.split}_best'
+  return config.eval.split
+
+
 def _write_report(config, workdir, out_dir, records, probs, targets, result, maps) -> None:
-  """Every report file, each through a temporary name."""
-  labels = tuple(config.data.labels)
+  """Writes the report folder as a whole: built beside it, then put in its place, so it never mixes files of
+  two evaluations (an earlier one's per-size tables or overlays) and a failure leaves the earlier report intact."""
+  out_dir = os.path.normpath(out_dir)
+  partial = out_dir + '.partial'
+  shutil.rmtree(partial, ignore_errors=True)
   try:
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(partial)
   except OSError as e:
     raise UserError(f'cannot write the report to {out_dir!r}: {e.strerror}') from None
+  try:
+    _write_report_files(config, workdir, partial, records, probs, targets, result, maps)
+    old = out_dir + '.old'
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(out_dir):
+      os.replace(out_dir, old)
+    os.replace(partial, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def _write_report_files(config, workdir, out_dir, records, probs, targets, result, maps) -> None:
+  """Every report file into `out_dir`."""
+  labels = tuple(config.data.labels)
   ids = [r.id for r in records]
   write_predictions(os.path.join(out_dir, 'predictions.csv'), ids, probs, targets, labels)
   name = os.path.basename(os.path.normpath(workdir))

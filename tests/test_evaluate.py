@@ -148,3 +148,31 @@ def test_the_validation_split_itself_may_be_scored_with_nothing_chosen_on_it(unt
   result = evaluate.evaluate(config, untrained_workdir)
   assert result['split'] == 'val'
   assert 'operating_points_val_threshold' not in result and result['operating_points']
+
+
+def test_report_folder_names_the_checkpoint_and_is_replaced_whole(untrained_workdir, tmp_path):
+  import os
+  import shutil
+
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(untrained_workdir, workdir)
+  config = _quick(evaluate.load_workdir_config(workdir))
+  config.model.init_from = ''
+  config.eval.step = 1
+  evaluate.evaluate(config, workdir)
+  report = os.path.join(workdir, 'eval', 'test_step1')
+  assert os.path.isfile(os.path.join(report, 'metrics.json'))
+  # A file of an earlier evaluation does not survive the next one in the same folder.
+  stale = os.path.join(report, 'per_size.md')
+  with open(stale, 'w') as f:
+    f.write('an earlier evaluation\n')
+  evaluate.evaluate(config, workdir)
+  assert not os.path.exists(stale)
+  assert sorted(os.listdir(os.path.join(workdir, 'eval'))) == ['test_step1']
+
+  config.eval.step = -1
+  assert evaluate.report_name(config) == 'test'
+  config.eval.checkpoint = 'best'
+  assert evaluate.report_name(config) == 'test_best'
+  config.eval.name = 'external'
+  assert evaluate.report_name(config) == 'external'
