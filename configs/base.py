@@ -134,7 +134,8 @@ def get_config() -> ml_collections.ConfigDict:
   # --- evaluation ---------------------------------------------------------------------------------
   config.eval = ev = ml_collections.ConfigDict()
   ev.split = 'test'  # split predicted by --mode=evaluate
-  ev.name = ''  # report folder under <workdir>/eval/; '' = the split name (+ _best or _step<N> for those)
+  # Report folder under <workdir>/eval/; '' = the split name (+ _best or _step<N> for those checkpoints).
+  ev.name = ''
   ev.checkpoint = 'latest'  # latest | best
   ev.step = -1  # a specific checkpoint step; -1 = use eval.checkpoint
   ev.val_split = 'val'  # split scored during training to keep the best checkpoint

@@ -33,6 +33,16 @@ def checkpoint_meta(config: ml_collections.ConfigDict, **extra: Any) -> dict[str
   return {'model': config.model.name, 'labels': list(config.data.labels), **extra}
 
 
+def latest_step(workdir: str) -> int | None:
+  """The newest complete step in `<workdir>/checkpoints/latest`, or None: read from the folder, with no manager to
+  create and no cross-process barrier, so any process can ask before the run's Checkpointer exists."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints', 'latest')
+  if not os.path.isdir(directory):
+    return None
+  steps = ocp.utils.checkpoint_steps(directory)
+  return max(steps) if steps else None
+
+
 class Checkpointer:
   """The run's two checkpoint managers (latest and best)."""
 
@@ -62,6 +72,19 @@ class Checkpointer:
 
   def best_step(self) -> int | None:
     return self.best.latest_step()
+
+  def discard_best_after(self, step: int) -> list[int]:
+    """Deletes the best checkpoints of steps after `step`, the step training continues from; returns their steps.
+
+    The best save of a validation step comes before that step's latest save, so a run stopped between the two
+    leaves best/ ahead of latest/. Such a checkpoint is not part of the run being resumed: kept, it would set the
+    score to beat from a step not yet trained, and when the replayed step scores higher its save would collide with
+    the step already there. Every process calls this (orbax deletes on the primary process and syncs the rest).
+    """
+    later = sorted(s for s in self.best.all_steps() if s > step)
+    for s in later:
+      self.best.delete(s)
+    return later
 
   def best_score(self) -> float | None:
     """Validation mean AUROC of the best checkpoint, or None when there is none."""

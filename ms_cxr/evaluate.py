@@ -220,6 +220,7 @@ def validate_eval_config(config: ml_collections.ConfigDict, dp: parallel.DataPar
   sizes = tuple(config.data.sizes)
   if not sizes or len(set(sizes)) != len(sizes) or min(sizes) < 16:
     raise UserError(f'config.data.sizes={sizes} must be distinct sizes of at least 16 px')
+  train.validate_map_size(config)
   labels = tuple(config.data.labels)
   if not labels or len(set(labels)) != len(labels):
     raise UserError(f'config.data.labels={labels} must be distinct label names, at least one')
@@ -268,6 +269,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     UserError: no such checkpoint, or one that does not match the config; thresholds, sizes or the checkpoint
       chosen on the split being scored (eval.val_split equal to eval.split).
   """
+  train.validate_parallel(config)
   dp = parallel.DataParallel.create(config.parallel.api, config.parallel.num_devices)
   validate_eval_config(config, dp)
   labels = tuple(config.data.labels)

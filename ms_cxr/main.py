@@ -122,6 +122,8 @@ def run(argv) -> None:
     jax.process_index(),
     jax.process_count(),
   )
+  # Both modes build a device mesh from these: a bad value is a one-line error rather than a traceback.
+  train.validate_parallel(config)
   if FLAGS.mode in ('train', 'train_and_evaluate'):
     train.train_and_evaluate(config, FLAGS.workdir)
   if FLAGS.mode in ('evaluate', 'train_and_evaluate'):

@@ -492,8 +492,102 @@ def predict(
 # --------------------------------------------------------------------------------------------------
 
 
+# Fields a resumed run may change (a name ending in '.' covers its section): where the data lives and how fast it is
+# read, how the same functions are compiled, logging and validation cadence, evaluation, checkpoint cadence and the
+# device layout. Every other field shapes the restored state, the data stream the saved iterator position indexes
+# or the updates that follow, so a resumed run keeps it. `data.num_workers` is not here: Grain saves the data
+# position per worker process, and a position saved with one number of workers does not restore under another.
+RESUMABLE_FIELDS = (
+  'data.root',
+  'data.prepared_dir',  # moved; switching between native files and prepared shards changes the images
+  'data.read_threads',
+  'data.prefetch_batches',
+  # A run without skip_bad had no bad row (its split would not have loaded), so turning it on later keeps the
+  # split; turning it off makes a bad row or image an error, never a different split.
+  'data.skip_bad',
+  'model.init_from',  # ignored on resume
+  'model.remat',
+  'model.pointwise_matmul',
+  'model.kernel_grad_matmul',
+  'train.num_steps',  # extending a run (see check_resume_config)
+  'train.log_every_steps',
+  'train.eval_every_steps',
+  'eval.',
+  'ckpt.',
+  'parallel.',
+)
+# Learning-rate schedules spread over train.num_steps (see create_learning_rate_schedule).
+SCHEDULES_OVER_NUM_STEPS = ('cosine',)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'section.field': value} of a nested config dict."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _may_change_on_resume(field: str, old: Any, new: Any) -> bool:
+  if field == 'data.prepared_dir' and bool(old) != bool(new):
+    return False
+  return any(field == f or (f.endswith('.') and field.startswith(f)) for f in RESUMABLE_FIELDS)
+
+
+def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume `workdir` under a config that differs from the one its checkpoints were trained with.
+
+  Resuming restores the train state and the data-iterator position; a changed batch size, seed, sizes, optimizer
+  or model would replay that position against another pipeline or schedule without any error, and rewriting
+  config.json would lose the record of how the checkpoints were made. Only fields of RESUMABLE_FIELDS may differ
+  from `<workdir>/config.json`; a longer (or shorter) train.num_steps is allowed, with a warning when the
+  learning-rate schedule is spread over it. Fields that only one of the two configs has (added or removed by an
+  update of the code) are not compared. A workdir with no checkpoint yet starts over, so any config goes.
+
+  Every process reads the same files and so reaches the same decision; process 0 rewrites config.json only after
+  its check passed, and a process reading the rewritten file finds its own config there.
+
+  Raises:
+    UserError: naming each changed field with its old and new value, and how to start a new run instead.
+  """
+  step = checkpointing.latest_step(workdir)
+  path = os.path.join(workdir, 'config.json')
+  if step is None or not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      old = _flatten(json.load(f))
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f'{path}: cannot read the config this workdir was trained with ({e})') from None
+  new = _flatten(json.loads(config_lib.to_json(config)))
+  fields = [k for k in new if k in old and old[k] != new[k]]
+  refused = [k for k in fields if not _may_change_on_resume(k, old[k], new[k])]
+  if refused:
+    changes = ', '.join(f'{k} {old[k]!r} -> {new[k]!r}' for k in refused)
+    raise UserError(
+      f'workdir {workdir!r} holds a run (checkpoint of step {step}) trained with another config: {changes} '
+      f'(old values from {path}); a resumed run must keep them. Resume with the old values, or start a new '
+      f"--workdir, optionally from this run's weights with --config.model.init_from={workdir}"
+    )
+  if 'train.num_steps' in fields and config.optim.schedule in SCHEDULES_OVER_NUM_STEPS:
+    logging.warning(
+      'train.num_steps changed from %s to %s on resuming from step %d: the %s learning-rate schedule is spread over '
+      'train.num_steps, so from here on the rate follows the %s-step curve, not the one this run started on',
+      old['train.num_steps'],
+      new['train.num_steps'],
+      step,
+      config.optim.schedule,
+      new['train.num_steps'],
+    )
+
+
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Creates the workdir and writes the resolved config; a one-line error if it is not writable."""
+  """Checks the config against a run the workdir already holds (see `check_resume_config`), then creates the
+  workdir and writes the resolved config; a one-line error if it is not writable."""
+  check_resume_config(config, workdir)
   if jax.process_index() != 0:
     return
   try:
@@ -510,6 +604,22 @@ def accum_steps_by_size(config: ml_collections.ConfigDict) -> dict[int, int]:
   """{size: micro-batches} from `train.accum_steps` (empty = 1 for every size)."""
   steps = tuple(config.train.accum_steps) or (1,) * len(config.data.sizes)
   return dict(zip(config.data.sizes, steps, strict=True))
+
+
+def validate_parallel(config: ml_collections.ConfigDict) -> None:
+  """Checks `config.parallel.api` and `num_devices` against the devices present, before a mesh is built from them."""
+  api = config.parallel.api
+  if api not in parallel.APIS:
+    raise UserError(f'config.parallel.api={api!r}; expected one of {parallel.APIS}')
+  requested, count = config.parallel.num_devices, jax.device_count()
+  if not isinstance(requested, int) or not 0 <= requested <= count:
+    raise UserError(
+      f'config.parallel.num_devices={requested!r}; expected 0 (all devices) or at most the {count} device(s) present'
+    )
+  if jax.process_count() > 1 and requested not in (0, count):
+    raise UserError(
+      f'config.parallel.num_devices={requested}; a multi-process run uses every device: expected 0 (or {count})'
+    )
 
 
 def validate_config(config: ml_collections.ConfigDict, dp: parallel.DataParallel) -> None:
@@ -565,6 +675,36 @@ def validate_config(config: ml_collections.ConfigDict, dp: parallel.DataParallel
       f'config.train.label_weights has {len(config.train.label_weights)} values; '
       f'expected one per label ({len(config.data.labels)})'
     )
+  if config.train.label_weights and config.train.loss != 'bce':
+    raise UserError(
+      f'config.train.label_weights is set but config.train.loss={config.train.loss!r}; expected loss '
+      "'bce' (the only loss that takes per-label weights) or label_weights=()"
+    )
+  for name in ('train.log_every_steps', 'ckpt.every_steps'):
+    section, field = name.split('.')
+    value = config[section][field]
+    if not isinstance(value, int) or value < 1:
+      raise UserError(f'config.{name}={value!r}; expected a positive number of steps')
+  every = config.train.eval_every_steps
+  if not isinstance(every, int) or every < 0:
+    raise UserError(
+      f'config.train.eval_every_steps={every!r}; expected a number of steps (0 = never)'
+    )
+  validate_map_size(config)
+
+
+def validate_map_size(config: ml_collections.ConfigDict) -> None:
+  """`config.eval.map_size`: 0 or an input size the model can run at (with SSBN, one of its branches' sizes)."""
+  map_size, sizes = config.eval.map_size, tuple(config.data.sizes)
+  if not isinstance(map_size, int) or (map_size and map_size < 16):
+    raise UserError(
+      f'config.eval.map_size={map_size!r}; expected a size of at least 16 px (or 0 = the largest of data.sizes)'
+    )
+  if config.model.norm == 'ssbn' and map_size and map_size not in sizes:
+    raise UserError(
+      f'config.eval.map_size={map_size}; an SSBN model has BatchNorm branches for data.sizes {sizes} only: '
+      'expected one of them (or 0 = the largest)'
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -578,6 +718,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     The final train state (replicated per `config.parallel.api`).
   """
   # --- workdir and logging ------------------------------------------------------------------------
+  validate_parallel(config)
   dp = parallel.DataParallel.create(config.parallel.api, config.parallel.num_devices)
   validate_config(config, dp)
   prepare_workdir(config, workdir)
@@ -650,8 +791,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       data_iter=train_iter,
     )
     writer.log(f'resumed from step {step}')
-  best_score = ckpt.best_score()
   first_step = int(state.step)
+  discarded = ckpt.discard_best_after(first_step)
+  if discarded:
+    writer.log(
+      f'best checkpoint(s) of step(s) {discarded}, saved after step {first_step} by the run stopped there, '
+      'discarded: validation chooses the best again from here'
+    )
+  best_score = ckpt.best_score()
   state = dp.replicate(state)
 
   # --- train loop ---------------------------------------------------------------------------------

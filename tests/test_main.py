@@ -100,3 +100,42 @@ def test_summary_of_ssbn_and_of_an_ensemble_of_three(tmp_path):
   )
   assert result.returncode == 0, result.stderr
   assert 'params: 20904618' in result.stdout.splitlines()
+
+
+@pytest.mark.parametrize(
+  'args, message',
+  [
+    (
+      ['--mode=evaluate', '--config.parallel.api=pjit'],
+      "error: config.parallel.api='pjit'; expected one of ('shard_map', 'pmap')",
+    ),
+    (
+      ['--mode=train', '--config.ckpt.every_steps=0'],
+      'error: config.ckpt.every_steps=0; expected a positive number of steps',
+    ),
+  ],
+)
+def test_bad_device_and_cadence_values_are_one_line_errors(tmp_path, args, message):
+  result = _main('--config=configs/densenet.py:smoke', f'--workdir={tmp_path / "run"}', *args)
+  assert result.returncode == 2
+  assert _last_line(result) == message
+  assert 'Traceback' not in result.stderr
+
+
+def test_resuming_with_a_changed_batch_size_is_a_one_line_error(tmp_path):
+  from test_resume_config import _trained_workdir
+
+  from configs import densenet
+
+  workdir = _trained_workdir(densenet.get_config('smoke'), tmp_path / 'run')
+  result = _main(
+    '--config=configs/densenet.py:smoke',
+    f'--workdir={workdir}',
+    '--config.train.global_batch_size=16',
+  )
+  assert result.returncode == 2
+  assert _last_line(result).startswith(
+    f"error: workdir '{workdir}' holds a run (checkpoint of step 6) trained with another config: "
+    'train.global_batch_size 8 -> 16 '
+  )
+  assert 'Traceback' not in result.stderr

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
 
-from ms_cxr import checkpointing, evaluate, train
+from ms_cxr import checkpointing, evaluate, losses, metrics, train
 from ms_cxr.errors import UserError
 
 
@@ -53,20 +53,107 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(smoke_config, tmp_path
   assert not np.allclose(straight['params']['classifier']['kernel'], 0)
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints(smoke_config, tmp_path):
+def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints(
+  smoke_config, tmp_path, monkeypatch
+):
   smoke_config.ckpt.async_save = False
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(smoke_config, workdir)
   before = _final_params(workdir)
 
+  # Extended by 6 steps (a resumed run may change num_steps) with a loss that turns NaN.
   smoke_config.train.num_steps = 18
-  smoke_config.train.label_weights = (float('nan'),) * len(smoke_config.data.labels)
+  classification_loss = losses.classification_loss
+  nan_weights = (float('nan'),) * len(smoke_config.data.labels)
+  monkeypatch.setattr(
+    losses,
+    'classification_loss',
+    lambda name, **kwargs: classification_loss(name, **{**kwargs, 'label_weights': nan_weights}),
+  )
   with pytest.raises(train.NonFiniteLossError, match='at step 13'):
     train.train_and_evaluate(smoke_config, workdir)
   after = _final_params(workdir)
   assert after[0] == before[0] == 12
   for a, b in zip(jax.tree.leaves(before[1]), jax.tree.leaves(after[1]), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_best_checkpoint_ahead_of_the_resumed_step_is_replaced_not_collided_with(
+  smoke_config, tmp_path, monkeypatch
+):
+  """A run stopped between a validation step's best save and its latest save leaves best/ ahead of latest/. The
+  resumed run discards that checkpoint, so when the replayed step scores higher (as a replay whose reductions are
+  not bit-reproducible can) its best save does not meet the step already there."""
+  config = smoke_config
+  config.ckpt.async_save = False
+  config.train.num_steps = 6
+  config.ckpt.every_steps = 3
+  config.train.eval_every_steps = 6
+  workdir = str(tmp_path / 'run')
+  original_save = checkpointing.Checkpointer.save
+
+  def save_best_then_die(self, step, *args, best=False, **kwargs):
+    original_save(self, step, *args, best=best, **kwargs)
+    if best:
+      self.wait()
+      raise KeyboardInterrupt('preempted')
+
+  def saved(workdir):
+    ckpt = checkpointing.Checkpointer(workdir, config.ckpt, read_only=True)
+    try:
+      return ckpt.latest_step(), ckpt.best_step(), ckpt.best_score()
+    finally:
+      ckpt.close()
+
+  monkeypatch.setattr(checkpointing.Checkpointer, 'save', save_best_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, workdir)
+  latest, best, first_score = saved(workdir)
+  assert (latest, best) == (3, 6) and first_score is not None
+
+  monkeypatch.setattr(checkpointing.Checkpointer, 'save', original_save)
+  mean_auroc = metrics.mean_auroc
+  monkeypatch.setattr(metrics, 'mean_auroc', lambda per_class: mean_auroc(per_class) + 0.01)
+  train.train_and_evaluate(config, workdir)
+  latest, best, score = saved(workdir)
+  assert (latest, best) == (6, 6)
+  assert score == pytest.approx(first_score + 0.01)
+
+
+@pytest.mark.parametrize(
+  'fields, message',
+  [
+    ({'ckpt.every_steps': 0}, r'config\.ckpt\.every_steps=0; expected a positive number of steps$'),
+    ({'train.log_every_steps': 0}, r'config\.train\.log_every_steps=0; expected a positive'),
+    ({'train.eval_every_steps': -1}, r'config\.train\.eval_every_steps=-1; expected .*0 = never'),
+    (
+      {'parallel.api': 'pjit'},
+      r"config\.parallel\.api='pjit'; expected one of \('shard_map', 'pmap'\)",
+    ),
+    ({'parallel.num_devices': 3}, r'config\.parallel\.num_devices=3; expected 0 .* 2 device'),
+    ({'parallel.num_devices': -1}, r'config\.parallel\.num_devices=-1; expected 0'),
+    (
+      {'train.loss': 'focal', 'train.label_weights': 1.0},  # one weight per label
+      r"config\.train\.label_weights is set but config\.train\.loss='focal'; expected loss 'bce'",
+    ),
+    (
+      {'model.norm': 'ssbn', 'data.sizes': (32, 48), 'eval.map_size': 40},
+      r'config\.eval\.map_size=40; .*data\.sizes \(32, 48\).*expected one of them',
+    ),
+    ({'eval.map_size': 8}, r'config\.eval\.map_size=8; expected a size of at least 16 px'),
+  ],
+)
+def test_bad_values_are_one_line_errors_before_anything_runs(
+  smoke_config, tmp_path, fields, message
+):
+  for name, value in fields.items():
+    section, field = name.split('.')
+    if name == 'train.label_weights':
+      value = (value,) * len(smoke_config.data.labels)
+    smoke_config[section][field] = value
+  with pytest.raises(UserError, match=message):
+    train.train_and_evaluate(smoke_config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
 
 
 @pytest.fixture(scope='module')
@@ -103,14 +190,38 @@ def test_metrics_json_equals_sklearn_on_predictions_csv(trained_workdir):
   assert written['mean_auroc'] == pytest.approx(np.mean(aurocs), abs=1e-12)
 
 
+def _val_mean_auroc(config, workdir, step):
+  """Mean AUROC of checkpoint `step` on the validation split, as the run scored it to keep its best."""
+  config = config.copy_and_resolve_references()
+  config.eval.split = config.eval.val_split
+  config.eval.step = step
+  config.eval.name = f'val_step{step}'
+  config.eval.val_thresholds = False
+  config.eval.bootstrap_resamples = 0
+  config.eval.plots = False
+  config.eval.localization = False
+  config.eval.heatmap_images = 0
+  return evaluate.evaluate(config, workdir)['mean_auroc']
+
+
 def test_evaluate_best_and_specific_steps(trained_workdir):
   config, workdir = trained_workdir
   config = config.copy_and_resolve_references()
+  # Validation ran at steps 6 and 12; a later step becomes the best only with a strictly higher AUROC.
+  val_auroc = {step: _val_mean_auroc(config, workdir, step) for step in (6, 12)}
+  expected_best = 12 if val_auroc[12] > val_auroc[6] else 6
+  ckpt = checkpointing.Checkpointer(workdir, config.ckpt, read_only=True)
+  try:
+    recorded = ckpt.best_score()
+  finally:
+    ckpt.close()
+  assert recorded == pytest.approx(val_auroc[expected_best], abs=1e-6)
   config.eval.checkpoint = 'best'
   config.eval.name = 'best'
-  best = evaluate.evaluate(config, workdir)
-  assert best['checkpoint_step'] in (6, 12)
+  assert evaluate.evaluate(config, workdir)['checkpoint_step'] == expected_best
   config.eval.checkpoint = 'latest'
+  config.eval.name = 'latest'
+  assert evaluate.evaluate(config, workdir)['checkpoint_step'] == config.train.num_steps == 12
   config.eval.step = 6
   config.eval.name = 'step6'
   assert evaluate.evaluate(config, workdir)['checkpoint_step'] == 6
