@@ -498,9 +498,8 @@ class JaxStep:
     model = models.create_model(
       config.model, num_labels, config.data.sizes, axis_name=parallel.AXIS
     )
-    schedule = train.create_learning_rate_schedule(config.optim, config.train.num_steps)
     state = train.create_train_state(
-      config, model, train.create_optimizer(config.optim, schedule), load_init_from=False
+      config, model, train.config_optimizer(config), load_init_from=False
     )
     self.num_params = train.count_params(state.params)
     rng = np.random.default_rng([config.train.seed, size])

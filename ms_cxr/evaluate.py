@@ -110,10 +110,9 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataP
   try:
     manager, step = ckpt.resolve_step(config.eval.checkpoint, config.eval.step)
     model = models.create_model(config.model, len(config.data.labels), config.data.sizes)
-    schedule = train.create_learning_rate_schedule(config.optim, config.train.num_steps)
     template = jax.eval_shape(
       lambda: train.create_train_state(
-        config, model, train.create_optimizer(config.optim, schedule), load_init_from=False
+        config, model, train.config_optimizer(config), load_init_from=False
       )
     )
     replicated = jax.sharding.NamedSharding(dp.mesh, jax.sharding.PartitionSpec())

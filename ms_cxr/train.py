@@ -133,24 +133,55 @@ def create_learning_rate_schedule(
 
 
 def create_optimizer(
-  optim: ml_collections.ConfigDict, schedule: optax.Schedule
+  optim: ml_collections.ConfigDict, schedule: optax.Schedule, *, count_per_leaf: bool = False
 ) -> optax.GradientTransformation:
-  """Adam, AdamW (decoupled decay) or SGD with momentum; optional global-norm clipping."""
+  """Adam, AdamW (decoupled decay) or SGD with momentum; optional global-norm clipping.
+
+  Args:
+    optim: the `optim` section of the config.
+    schedule: the learning rate by step (`create_learning_rate_schedule`).
+    count_per_leaf: Adam's bias correction counts each parameter's own updates rather than the steps
+      (`ssbn.scale_by_adam_per_leaf`, as PyTorch's Adam does), for models whose steps update only some parameters:
+      SSBN trained one size per step. The learning-rate schedule still follows the step.
+  """
   parts = []
   if optim.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
   if optim.name == 'adamw':
-    parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
+    if count_per_leaf:  # optax.adamw's chain with the per-leaf counts
+      parts.append(
+        optax.chain(
+          ssbn.scale_by_adam_per_leaf(b1=optim.b1, b2=optim.b2),
+          optax.add_decayed_weights(optim.weight_decay),
+          optax.scale_by_learning_rate(schedule),
+        )
+      )
+    else:
+      parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
   elif optim.name in ('adam', 'sgd'):
     if optim.weight_decay > 0:  # classic L2: added to the gradient before the update rule
       parts.append(optax.add_decayed_weights(optim.weight_decay))
-    if optim.name == 'adam':
-      parts.append(optax.adam(schedule, b1=optim.b1, b2=optim.b2))
-    else:
+    if optim.name == 'sgd':
       parts.append(optax.sgd(schedule, momentum=optim.momentum, nesterov=optim.nesterov))
+    elif count_per_leaf:  # optax.adam's chain with the per-leaf counts
+      parts.append(
+        optax.chain(
+          ssbn.scale_by_adam_per_leaf(b1=optim.b1, b2=optim.b2),
+          optax.scale_by_learning_rate(schedule),
+        )
+      )
+    else:
+      parts.append(optax.adam(schedule, b1=optim.b1, b2=optim.b2))
   else:
     raise UserError(f"config.optim.name={optim.name!r}; expected 'adam', 'adamw' or 'sgd'")
   return optax.chain(*parts)
+
+
+def config_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The optimizer `config` describes: its schedule over `train.num_steps`, and for SSBN models Adam's step counts
+  per parameter (a step of one size leaves the other sizes' branches, counts included, as they were)."""
+  schedule = create_learning_rate_schedule(config.optim, config.train.num_steps)
+  return create_optimizer(config.optim, schedule, count_per_leaf=config.model.norm == 'ssbn')
 
 
 def create_train_state(
@@ -362,11 +393,8 @@ def train_step_memory(config: ml_collections.ConfigDict, size_px: int) -> dict[s
   model = models.create_model(
     config.model, len(config.data.labels), config.data.sizes, parallel.AXIS
   )
-  schedule = create_learning_rate_schedule(config.optim, config.train.num_steps)
   state = jax.eval_shape(
-    lambda: create_train_state(
-      config, model, create_optimizer(config.optim, schedule), load_init_from=False
-    )
+    lambda: create_train_state(config, model, config_optimizer(config), load_init_from=False)
   )
   batch_size = config.train.global_batch_size
   batch = {
@@ -753,9 +781,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   schedule = create_learning_rate_schedule(config.optim, config.train.num_steps)
   ckpt = checkpointing.Checkpointer(workdir, config.ckpt)
   resuming = ckpt.latest_step() is not None
-  state = create_train_state(
-    config, model, create_optimizer(config.optim, schedule), load_init_from=not resuming
-  )
+  state = create_train_state(config, model, config_optimizer(config), load_init_from=not resuming)
   writer.log(f'{config.model.name}: {count_params(state.params):,} parameters')
 
   # --- update step --------------------------------------------------------------------------------

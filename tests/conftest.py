@@ -47,7 +47,8 @@ def new_train_state(config, num_labels, sizes):
 
   model = models.create_model(config.model, num_labels, sizes, axis_name=parallel.AXIS)
   schedule = train.create_learning_rate_schedule(config.optim, 10)
-  return train.create_train_state(config, model, train.create_optimizer(config.optim, schedule))
+  tx = train.create_optimizer(config.optim, schedule, count_per_leaf=config.model.norm == 'ssbn')
+  return train.create_train_state(config, model, tx)
 
 
 def compiled_train_step(dp, *, donate_state=False, accum_steps=None, **step_kwargs):

@@ -33,9 +33,8 @@ def untrained_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('runs') / 'untrained')
   train.prepare_workdir(config, workdir)
   model = models.create_model(config.model, len(config.data.labels), config.data.sizes)
-  schedule = train.create_learning_rate_schedule(config.optim, config.train.num_steps)
   state = train.create_train_state(
-    config, model, train.create_optimizer(config.optim, schedule), load_init_from=False
+    config, model, train.config_optimizer(config), load_init_from=False
   )
   ckpt = checkpointing.Checkpointer(workdir, config.ckpt)
   ckpt.save(1, state, None, checkpointing.checkpoint_meta(config, step=1))

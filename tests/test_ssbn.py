@@ -111,6 +111,44 @@ def test_round_robin_step_leaves_other_sizes_adam_moments_bit_identical(config):
         np.testing.assert_array_equal(value, _leaves(get(after.opt_state, moment), size)[path])
     trained = _leaves(get(after.opt_state, moment), 64)
     assert any(np.any(v != 0) for v in trained.values())
+  # Adam's step counts are per parameter: both steps counted for the shared weights and the 64 px branch only.
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+  (adam,) = [s for s in jax.tree.leaves(after.opt_state, is_leaf=is_adam) if is_adam(s)]
+  assert int(adam.count['conv0']['kernel']) == 2
+  for size in SIZES:
+    assert {int(c) for c in _leaves(adam.count, size).values()} == {2 if size == 64 else 0}
+
+
+def test_adam_bias_correction_counts_each_branchs_own_steps():
+  """Round robin over two sizes with a constant gradient g: Adam's corrected moments are g and g^2, so every
+  update is the learning rate times sign(g), for the branches as for the shared weights. A step count shared by
+  all parameters would correct a branch's moments as if they had seen twice as many gradients."""
+  params = {
+    'conv': {'kernel': np.ones(3, np.float32)},
+    'norm': {
+      'ssbn_16': {'scale': np.ones(2, np.float32)},
+      'ssbn_32': {'scale': np.ones(2, np.float32)},
+    },
+  }
+  grads = jax.tree.map(lambda p: np.full_like(p, 0.5), params)
+  optim = train.create_optimizer
+  from configs import base
+
+  for per_leaf in (True, False):
+    tx = optim(base.get_config().optim, optax.constant_schedule(0.1), count_per_leaf=per_leaf)
+    state, current, branch_updates = tx.init(params), params, []
+    for step in range(30):
+      size = (16, 32)[step % 2]
+      mask = ssbn.size_mask(current, [size])
+      updates, new_state = tx.update(grads, state, current)
+      current = ssbn.keep_inactive(optax.apply_updates(current, updates), current, mask)
+      state = ssbn.keep_inactive(new_state, state, ssbn.opt_state_mask(tx.init, state, mask))
+      branch_updates.append(float(updates['norm'][f'ssbn_{size}']['scale'][0]))
+      np.testing.assert_allclose(updates['conv']['kernel'], -0.1, rtol=1e-4)
+    if per_leaf:
+      np.testing.assert_allclose(branch_updates, -0.1, rtol=1e-4)
+    else:
+      assert min(branch_updates[-2:]) < -0.11  # 15 updates corrected as 30
 
 
 def test_all_sizes_in_one_step_train_every_branch(config):
