@@ -75,7 +75,6 @@ import contextlib
 import csv
 import dataclasses
 import datetime
-import functools
 import json
 import math
 import os
@@ -513,18 +512,7 @@ class JaxStep:
         positive_rates=np.full(num_labels, _LABEL_RATE),
         focal_gamma=config.train.focal_gamma,
       )
-      step = dp.compile(
-        functools.partial(
-          train.train_step,
-          classification_loss=loss,
-          axis_name=parallel.AXIS,
-          accum_steps=train.accum_steps_by_size(config),
-          multiscale_loss=config.train.multiscale_loss,
-          trainable_sizes=tuple(config.train.trainable_sizes),
-          attention=train.AttentionTerms.from_config(config),
-        ),
-        donate_state=True,
-      )
+      step = dp.compile(train.configured_train_step(config, loss), donate_state=True)
     else:
       batch['index'] = np.arange(self.batch_size, dtype=np.int32)
       batch['valid'] = np.ones(self.batch_size, np.bool_)

@@ -12,7 +12,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -382,6 +382,23 @@ def train_step(
   return new_state, step_metrics
 
 
+def configured_train_step(
+  config: ml_collections.ConfigDict, classification_loss: Callable[..., jax.Array]
+) -> Callable[..., Any]:
+  """`train_step` with every setting `config` gives it (sizes' micro-batches, multi-scale loss, trainable sizes,
+  attention terms), for the data-parallel axis: what training compiles, and what the memory summary and the
+  benchmark compile, so that their figures are the training step's."""
+  return functools.partial(
+    train_step,
+    classification_loss=classification_loss,
+    axis_name=parallel.AXIS,
+    accum_steps=accum_steps_by_size(config),
+    multiscale_loss=config.train.multiscale_loss,
+    trainable_sizes=tuple(config.train.trainable_sizes),
+    attention=AttentionTerms.from_config(config),
+  )
+
+
 def train_step_memory(config: ml_collections.ConfigDict, size_px: int) -> dict[str, int]:
   """XLA's memory figures (bytes) for one device's train step at `size_px`, compiled but not run.
 
@@ -401,15 +418,14 @@ def train_step_memory(config: ml_collections.ConfigDict, size_px: int) -> dict[s
     pipeline.image_key(size_px): jax.ShapeDtypeStruct((batch_size, size_px, size_px, 1), jnp.uint8),
     'labels': jax.ShapeDtypeStruct((batch_size, len(config.data.labels)), jnp.float32),
   }
-  step = dp.compile(
-    functools.partial(
-      train_step,
-      classification_loss=losses.masked_bce_sum,
-      axis_name=parallel.AXIS,
-      accum_steps=accum_steps_by_size(config),
-    ),
-    donate_state=True,
+  # The loss's weights do not change the program's memory; the training rates are not read for this.
+  loss = losses.classification_loss(
+    config.train.loss,
+    label_weights=config.train.label_weights,
+    positive_rates=np.full(len(config.data.labels), 0.5),
+    focal_gamma=config.train.focal_gamma,
   )
+  step = dp.compile(configured_train_step(config, loss), donate_state=True)
   figures = compiled_memory(step.lower(state, batch).compile())
   if figures is None:
     raise UserError(
@@ -791,18 +807,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     positive_rates=attention_losses.positive_rates(label_matrix(train_records, len(labels))),
     focal_gamma=config.train.focal_gamma,
   )
-  p_train_step = dp.compile(
-    functools.partial(
-      train_step,
-      classification_loss=classification_loss,
-      axis_name=parallel.AXIS,
-      accum_steps=accum_steps_by_size(config),
-      multiscale_loss=config.train.multiscale_loss,
-      trainable_sizes=tuple(config.train.trainable_sizes),
-      attention=AttentionTerms.from_config(config),
-    ),
-    donate_state=True,
-  )
+  p_train_step = dp.compile(configured_train_step(config, classification_loss), donate_state=True)
   p_eval_step = dp.compile(eval_step, sharded_output=True)
 
   # --- load checkpoint ----------------------------------------------------------------------------

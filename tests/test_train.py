@@ -284,3 +284,17 @@ def test_remat_keeps_dense_block_memory_linear(monkeypatch):
     config.data.sizes = (128,)
     temporaries[remat] = train.train_step_memory(config, 128)['temp_bytes']
   assert temporaries[True] <= 0.85 * temporaries[False]
+
+
+def test_memory_summary_compiles_the_training_step_with_its_attention_terms():
+  """The attention-consistency loss runs the transformed copy of the batch beside it, so MS-ANet's step with it
+  needs more memory; the summary (`--mode=summary --memory`) compiles the step training runs, terms included."""
+  from configs import msanet
+
+  temporaries = {}
+  for consistency in (0.0, 1.0):
+    config = msanet.get_config(f'smoke,consistency={consistency}')
+    config.train.global_batch_size = 4
+    size = config.data.sizes[0]
+    temporaries[consistency] = train.train_step_memory(config, size)['temp_bytes']
+  assert temporaries[1.0] > 1.3 * temporaries[0.0]
