@@ -198,19 +198,38 @@ def create_train_state(
     jax.random.key(config.train.seed), images
   )
   if config.model.init_from and load_init_from:
-    variables = initialize_from(config.model.init_from, variables)
+    variables = initialize_from(config.model.init_from, variables, config.data.sizes[0])
   return TrainState.create(
     apply_fn=model.apply, params=variables['params'], tx=tx, batch_stats=variables['batch_stats']
   )
 
 
-def initialize_from(source: str, variables: dict[str, Any]) -> dict[str, Any]:
-  """Variables with weights from a training workdir or a torchvision DenseNet file (config.model.init_from)."""
+def initialize_from(
+  source: str, variables: dict[str, Any], size_px: int | None = None
+) -> dict[str, Any]:
+  """Variables with weights from a training workdir or a torchvision DenseNet file (config.model.init_from).
+
+  From a workdir, every leaf that corresponds is copied (`ssbn.transplant`; `size_px` chooses the size branch of an
+  SSBN source for a plain-BatchNorm model); the leaves left at their initialisation are logged, and a workdir of
+  which nothing fits is an error.
+  """
   if os.path.isdir(source):
-    loaded, counts = ssbn.transplant(variables, checkpointing.load_variables(source))
+    loaded, counts = ssbn.transplant(variables, checkpointing.load_variables(source), size_px)
+    if not counts['copied']:
+      raise UserError(
+        f'config.model.init_from={source!r}: none of its variables fits this model (another architecture?)'
+      )
     logging.info(
       'init_from %s: %d leaves copied, %d kept at init', source, counts['copied'], counts['kept']
     )
+    if counts['kept']:
+      logging.warning(
+        'init_from %s: %d leaves have no counterpart there and keep their initialisation: %s%s',
+        source,
+        counts['kept'],
+        ', '.join(counts['kept_paths'][:8]),
+        ', ...' if counts['kept'] > 8 else '',
+      )
     return loaded
   if not os.path.exists(source):
     raise UserError(f'config.model.init_from={source!r}: no such workdir or file')

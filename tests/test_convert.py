@@ -201,3 +201,41 @@ def test_torch_pth_round_trips(torch_reference, tmp_path):
   assert loaded.keys() == state_dict.keys()
   for key, value in loaded.items():
     np.testing.assert_array_equal(value, state_dict[key])
+
+
+def test_msanet_backbone_starts_from_torchvision_and_its_heads_keep_their_init(
+  torch_reference, tmp_path
+):
+  """MS-ANet's DenseNet backbone takes the torchvision weights; its CAM classifiers and fusion weights, which
+  torchvision's DenseNet does not have, keep their initialisation instead of making the file not fit."""
+  from configs import msanet as msanet_config
+
+  state_dict, _, _ = torch_reference
+  config = msanet_config.get_config('smoke')
+  config.model.name = 'msanet_tiny'
+  model = models.create_model(config.model, NUM_CLASSES, (SIZE,))
+  images = jax.ShapeDtypeStruct((1, SIZE, SIZE, 1), jnp.uint8)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype), shapes)
+  np.savez(tmp_path / 'weights.npz', **state_dict)
+  converted, summary = convert.init_from_torchvision(str(tmp_path / 'weights.npz'), variables)
+
+  before, after = traverse_util.flatten_dict(variables), traverse_util.flatten_dict(converted)
+  heads = [p for p in before if re.match(r'(classifier_block|fusion_block)\d+$', p[1])]
+  assert {p[1] for p in heads} == {
+    'classifier_block2',
+    'classifier_block3',
+    'classifier_block4',
+    'fusion_block2',
+    'fusion_block3',
+  }
+  for path in heads + [('params', 'classifier', 'kernel')]:
+    np.testing.assert_array_equal(after[path], before[path])
+  np.testing.assert_array_equal(
+    after[('params', 'conv0', 'kernel')], state_dict['features.conv0.weight'].transpose(2, 3, 1, 0)
+  )
+  np.testing.assert_array_equal(
+    after[('batch_stats', 'norm5', 'mean')], state_dict['features.norm5.running_mean']
+  )
+  assert summary['classifier_copied'] is False

@@ -263,4 +263,33 @@ def test_transplant_starts_ssbn_from_a_single_scale_model():
   result, counts = ssbn.transplant(target, source)
   np.testing.assert_array_equal(result['params']['norm0']['ssbn_448']['scale'], np.full(3, 2.0))
   np.testing.assert_array_equal(result['params']['head']['kernel'], np.zeros((2, 5)))
-  assert counts == {'copied': 2, 'kept': 1}
+  assert counts == {'copied': 2, 'kept': 1, 'kept_paths': ['params/head/kernel']}
+
+
+def test_transplant_starts_a_single_scale_model_from_an_ssbn_one():
+  """A plain BatchNorm takes the source's size branch nearest its own size, statistics included."""
+  source = {
+    'params': {'norm0': {f'ssbn_{s}': {'scale': np.full(3, float(s))} for s in (224, 448, 896)}},
+    'batch_stats': {'norm0': {f'ssbn_{s}': {'mean': np.full(3, s + 0.5)} for s in (224, 448, 896)}},
+  }
+  target = {
+    'params': {'norm0': {'scale': np.ones(3)}},
+    'batch_stats': {'norm0': {'mean': np.zeros(3)}},
+  }
+  result, counts = ssbn.transplant(target, source, size_px=512)
+  np.testing.assert_array_equal(result['params']['norm0']['scale'], np.full(3, 448.0))
+  np.testing.assert_array_equal(result['batch_stats']['norm0']['mean'], np.full(3, 448.5))
+  assert counts['kept'] == 0
+  result, _ = ssbn.transplant(target, source)  # no size: the largest
+  np.testing.assert_array_equal(result['params']['norm0']['scale'], np.full(3, 896.0))
+
+
+def test_init_from_a_workdir_of_which_nothing_fits_is_an_error(tmp_path, monkeypatch):
+  from ms_cxr import checkpointing
+  from ms_cxr.errors import UserError
+
+  other = {'params': {'conv0': {'kernel': np.ones((3, 3, 1, 8))}}}
+  monkeypatch.setattr(checkpointing, 'load_variables', lambda workdir: other)
+  target = {'params': {'conv0': {'kernel': np.zeros((7, 7, 1, 16))}}}
+  with pytest.raises(UserError, match='none of its variables fits this model'):
+    train.initialize_from(str(tmp_path), target)

@@ -18,7 +18,9 @@ Convolution kernels go from OIHW to HWIO and the Linear weight [out, in] to a De
 `num_batches_tracked` counters have no Flax counterpart and are ignored. With size-specific BatchNorm every
 `ssbn_<size>` branch (e.g. params/norm0/ssbn_224/scale) starts from the same torchvision BatchNorm. The classifier
 is copied only when its shape matches: ImageNet's 1000 classes against the model's labels leave it at its fresh
-initialisation. Anything else that does not fit (another architecture, a missing or unknown key) is an error.
+initialisation, as do MS-ANet's heads (`classifier_block<b>`, `fusion_block<b>`), which torchvision's DenseNet
+does not have: its DenseNet backbone starts from the file like DenseNet's. Anything else that does not fit
+(another architecture, a missing or unknown key) is an error.
 
 The model normalises its inputs with ImageNet's mean and std, as torchvision's weights expect.
 """
@@ -43,6 +45,9 @@ _OLD_KEY = re.compile(
   r'^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$'
 )
 _SSBN_BRANCH = re.compile(r'^ssbn_\d+$')
+# Heads of models built on the DenseNet backbone that torchvision's DenseNet does not have (MS-ANet's per-block
+# CAM classifiers and fusion weights): kept at their initialisation, as the classifier is for other labels.
+_OWN_HEAD = re.compile(r'^(?:classifier_block|fusion_block)\d+$')
 # Flax flattens torchvision's nesting into one module name: denseblock1_denselayer2, transition1_norm.
 _FLAT_MODULE = re.compile(r'^((?:denseblock|transition)\d+)_')
 _LEAF_NAMES = {
@@ -184,7 +189,8 @@ def _convert(
 ) -> tuple[PyTree, dict[str, Any]]:
   """`torchvision_to_flax`, plus the summary `init_from_torchvision` returns."""
   flat = traverse_util.flatten_dict(variables)
-  keys = {path: _torch_key(path) for path in flat}
+  own_heads = {path for path in flat if any(_OWN_HEAD.match(name) for name in path[1:])}
+  keys = {path: _torch_key(path) for path in flat if path not in own_heads}
 
   def fits(path):
     key = keys[path]
@@ -237,6 +243,13 @@ def _convert(
       'expected a torchvision DenseNet state dict of the same architecture'
     )
 
+  if own_heads:
+    logging.info(
+      '%s: %d variables of heads torchvision does not have kept at their initialisation: %s',
+      source,
+      len(own_heads),
+      _listing(['/'.join(path) for path in sorted(own_heads)]),
+    )
   if classifier and not copy_classifier:
     wanted = next(_torch_shape(flat[p].shape) for p in classifier if p[-1] == 'kernel')
     found = (

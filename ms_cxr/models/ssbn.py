@@ -171,42 +171,62 @@ def _branch_size(key: str) -> int | None:
   return int(match.group(1)) if match else None
 
 
-def transplant(target: PyTree, source: PyTree) -> tuple[PyTree, dict[str, int]]:
+def transplant(
+  target: PyTree, source: PyTree, size_px: int | None = None
+) -> tuple[PyTree, dict[str, Any]]:
   """Copies `source` variables into `target` wherever they correspond, across norm layouts.
 
   A target leaf takes the source leaf at the same path and shape. Otherwise, under an `ssbn_<size>` branch, it
   takes the source branch of the nearest size (so a new size starts from a trained one), or the plain BatchNorm at
-  that place when the source has no size branches (so SSBN starts from a single-scale model). Anything else (a
-  classifier for other labels) keeps its initial value.
+  that place when the source has no size branches (so SSBN starts from a single-scale model); a plain BatchNorm
+  whose source has size branches takes the branch nearest `size_px` (the largest when None), so a single-scale
+  model starts from an SSBN one. Anything else (a classifier for other labels) keeps its initial value.
 
   Args:
     target: nested dicts of arrays, e.g. {'params': ..., 'batch_stats': ...} of the new model.
     source: the same for the model to copy from.
+    size_px: the input size a plain-BatchNorm target is for (chooses the source's size branch).
 
   Returns:
-    (the new target, {'copied': n, 'kept': m} leaf counts).
+    (the new target, {'copied': n, 'kept': m, 'kept_paths': the '/'-joined paths of the m leaves kept}).
   """
   flat_source = {
     tuple(str(getattr(e, 'key', e)) for e in path): value
     for path, value in jax.tree_util.tree_flatten_with_path(source)[0]
   }
-  counts = {'copied': 0, 'kept': 0}
+  # {source path without its size branch: {size: source path}}, for plain targets.
+  branched: dict[tuple[str, ...], dict[int, tuple[str, ...]]] = {}
+  for path in flat_source:
+    for i, key in enumerate(path):
+      size = _branch_size(key)
+      if size is not None:
+        branched.setdefault(path[:i] + path[i + 1 :], {})[size] = path
+  counts: dict[str, Any] = {'copied': 0, 'kept': 0, 'kept_paths': []}
+
+  def nearest(sizes: Iterable[int], size: int | None) -> list[int]:
+    return sorted(sizes, key=lambda s: (abs(s - size), s) if size is not None else (-s, 0))
 
   def candidates(path: tuple[str, ...]):
     yield path
+    has_branch = False
     for i, key in enumerate(path):
       size = _branch_size(key)
       if size is None:
         continue
+      has_branch = True
       prefix = path[:i]
       sizes = {
         _branch_size(p[i])
         for p in flat_source
         if len(p) > i and p[:i] == prefix and _branch_size(p[i]) is not None
       }
-      for other in sorted(sizes, key=lambda s: (abs(s - size), s)):
+      for other in nearest(sizes, size):
         yield path[:i] + (branch_name(other),) + path[i + 1 :]
       yield path[:i] + path[i + 1 :]  # a plain BatchNorm in the source
+    if not has_branch and path in branched:
+      by_size = branched[path]
+      for other in nearest(by_size, size_px):
+        yield by_size[other]
 
   def take(path, value):
     names = tuple(str(getattr(e, 'key', e)) for e in path)
@@ -218,6 +238,7 @@ def transplant(target: PyTree, source: PyTree) -> tuple[PyTree, dict[str, int]]:
         # would be freed twice when the train step donates the state.
         return jnp.array(np.asarray(found), dtype=jnp.result_type(value))
     counts['kept'] += 1
+    counts['kept_paths'].append('/'.join(names))
     return value
 
   return jax.tree_util.tree_map_with_path(take, target), counts
