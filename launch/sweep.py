@@ -16,8 +16,8 @@ train in turn; slurm, tpu_pod and k8s jobs are submitted).
   slurm    sbatch --job-name=NAME [LAUNCHER_ARGS] launch/slurm.sbatch ARGS
   tpu_pod  launch/tpu_pod.sh LAUNCHER_ARGS -- ARGS       (--launcher_args='--name=POD --zone=ZONE')
   k8s      kubectl apply -f MANIFEST_DIR/JOB.yaml         (launch/k8s_job.yaml renamed per job, args replaced;
-           written even without --submit, for inspection; --manifest_dir defaults to WORKDIR_ROOT/k8s, and
-           WORKDIR_ROOT is the path inside the pods, e.g. /runs/sweep)
+           written even without --submit, for inspection, on this machine: --manifest_dir, default
+           ./k8s_manifests; WORKDIR_ROOT is the path inside the pods, e.g. /runs/sweep)
 
 where ARGS = BASE --workdir=WORKDIR_ROOT/NAME --config.SECTION.FIELD=VALUE ... Workdir paths are used as given:
 on a cluster, give a --workdir_root every host mounts.
@@ -37,6 +37,7 @@ from collections.abc import Sequence
 
 LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
 LAUNCHERS = ('local', 'slurm', 'tpu_pod', 'k8s')
+DEFAULT_MANIFEST_DIR = 'k8s_manifests'
 
 
 def split_values(text: str) -> list[str]:
@@ -163,7 +164,7 @@ def plan(
     args = main_args(base, overrides, os.path.join(workdir_root, name))
     if launcher == 'k8s':
       target = os.path.join(
-        manifest_dir or os.path.join(workdir_root, 'k8s'), k8s_name(name_prefix, index) + '.yaml'
+        manifest_dir or DEFAULT_MANIFEST_DIR, k8s_name(name_prefix, index) + '.yaml'
       )
       jobs.append((name, job_command('k8s', args, name=target)))
     else:
@@ -184,7 +185,8 @@ def write_k8s_manifests(
 
   with open(os.path.join(LAUNCH_DIR, 'k8s_job.yaml')) as f:
     template = list(yaml.safe_load_all(f))
-  manifest_dir = manifest_dir or os.path.join(workdir_root, 'k8s')
+  # WORKDIR_ROOT is the pods' path (a volume mounted there), rarely one this machine can write to.
+  manifest_dir = manifest_dir or DEFAULT_MANIFEST_DIR
   os.makedirs(manifest_dir, exist_ok=True)
   paths = []
   for index, overrides in enumerate(expand(specs)):
@@ -210,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--launcher_args', default='', help="the launcher's own options, one string")
   parser.add_argument('--name', default='ms-cxr', help='job name prefix (slurm, k8s)')
   parser.add_argument(
-    '--manifest_dir', default='', help='k8s: where manifests go (default WORKDIR_ROOT/k8s)'
+    '--manifest_dir', default='', help=f'k8s: where manifests go (default ./{DEFAULT_MANIFEST_DIR})'
   )
   parser.add_argument('--submit', action='store_true', help='run the commands (default: print)')
   options = parser.parse_args(argv)
@@ -231,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       )
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f'error: cannot write the k8s manifests: {e}', file=sys.stderr)
     return 2
   failed = 0
   for _, command in jobs:

@@ -6,11 +6,15 @@ r"""Command-line entry point.
 Problems a user can fix (bad config, missing checkpoint, unreadable input) end with one line on stderr and exit
 status 2; a non-finite loss exits with status 3 after keeping the last good checkpoint; SIGTERM (preemption) stops
 training after the current step, saves a checkpoint and exits with status 4 (running the same command resumes).
+With `MS_CXR_PREEMPTED_MARKER=FILE` in the environment, process 0 also writes FILE once the checkpoint is saved:
+a launcher whose scheduler reports a task's status poorly (srun reports the highest status of all tasks, or a
+signal when it killed one) can still tell a preemption (launch/slurm.sbatch).
 
 Multi-process runs (SLURM, Cloud TPU pods, Kubernetes, `launch/local.sh --num_processes=N`) start
 `jax.distributed` here, before anything touches a device; see ms_cxr/distributed.py and launch/.
 """
 
+import os
 import sys
 
 import jax
@@ -45,6 +49,7 @@ EXIT_USER_ERROR = cli.EXIT_USER_ERROR
 EXIT_NON_FINITE = 3
 # Stopped by SIGTERM after saving a checkpoint: a scheduler can requeue the same command, which resumes.
 EXIT_PREEMPTED = 4
+PREEMPTED_MARKER_ENV = 'MS_CXR_PREEMPTED_MARKER'
 
 
 def summary(config) -> None:
@@ -140,6 +145,11 @@ def main(argv) -> None:
     sys.exit(EXIT_NON_FINITE)
   except train.Preempted as e:
     print(f'preempted: {e}', file=sys.stderr)
+    marker = os.environ.get(PREEMPTED_MARKER_ENV)
+    if marker and jax.process_index() == 0:
+      # Every process waited for the checkpoint before raising: it is complete when this is written.
+      with open(marker, 'w') as f:
+        f.write(f'{e}\n')
     sys.exit(EXIT_PREEMPTED)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)

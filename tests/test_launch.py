@@ -503,7 +503,9 @@ def test_two_local_processes_train_like_one_process(tmp_path_factory, reference_
 
 FAKE_SRUN = r"""#!/usr/bin/env bash
 # srun stand-in: starts $SLURM_NTASKS copies of the command on this machine, with the variables srun sets per task
-# ($FAKE_SRUN_STATUS set: runs nothing and exits with it).
+# ($FAKE_SRUN_STATUS set: runs nothing and exits with it, first writing $MS_CXR_PREEMPTED_MARKER as process 0
+# would if $FAKE_SRUN_MARKER is set).
+if [[ -n ${FAKE_SRUN_MARKER:-} ]]; then echo 'SIGTERM: stopped' > "$MS_CXR_PREEMPTED_MARKER"; fi
 if [[ -n ${FAKE_SRUN_STATUS:-} ]]; then exit "$FAKE_SRUN_STATUS"; fi
 while [[ $1 == -* ]]; do shift; done
 n=${SLURM_NTASKS:-1}
@@ -552,15 +554,23 @@ def _slurm_env(tmp_path, tmp_path_factory, num_tasks: int = 2, **extra) -> dict[
   )
 
 
-@pytest.mark.parametrize('status, requeued', [(4, True), (0, False), (2, False)])
+@pytest.mark.parametrize(
+  'status, marker, requeued',
+  [(4, False, True), (0, False, False), (2, False, False), (137, True, True), (4, True, True)],
+)
 def test_slurm_script_requeues_itself_only_when_preempted(
-  tmp_path, tmp_path_factory, status, requeued
+  tmp_path, tmp_path_factory, status, marker, requeued
 ):
+  """Preempted: srun's status 4, or the marker of process 0 when srun reports a task it killed (137)."""
   env = _slurm_env(tmp_path, tmp_path_factory, FAKE_SRUN_STATUS=str(status))
+  env['SLURM_SUBMIT_DIR'] = str(tmp_path)
+  if marker:
+    env['FAKE_SRUN_MARKER'] = '1'
   result = _run(['bash', str(LAUNCH / 'slurm.sbatch'), SMOKE, '--workdir=w'], env)
-  assert result.returncode == status, result.stdout
+  assert result.returncode == (4 if requeued else status), result.stdout
   calls = tmp_path / 'bin' / 'scontrol.calls'
   assert (calls.read_text() if calls.exists() else '') == ('requeue 4242\n' if requeued else '')
+  assert not list(tmp_path.glob('.ms_cxr_preempted.*'))  # the marker does not outlive the job step
 
 
 def test_slurm_script_under_a_stand_in_srun(tmp_path, tmp_path_factory, reference_run):

@@ -93,10 +93,16 @@ def test_sigterm_checkpoints_exits_4_and_the_rerun_continues_the_same_run(
   # Validation does not change training: skipping it here saves time, the losses still match the reference's.
   command += ['--mode=train', '--config.train.eval_every_steps=0']
   env = _env(tmp_path_factory, devices_per_process=2)
-  status, output = _run_until_step_then_signal(command, env, target=lambda p: p.pid)
+  marker = tmp_path / 'preempted'
+  status, output = _run_until_step_then_signal(
+    command, {**env, main.PREEMPTED_MARKER_ENV: str(marker)}, target=lambda p: p.pid
+  )
   assert status == main.EXIT_PREEMPTED, output[-3000:]
   (stopped,) = _stopped_steps(output)
   assert 2 <= stopped < SMOKE_STEPS
+  assert (
+    f'stopped after step {stopped}' in marker.read_text()
+  )  # for launchers (launch/slurm.sbatch)
   assert _checkpoint_steps(workdir)[-1] == stopped  # saved at the step it stopped at
   assert 'Traceback' not in output
   assert sorted(_scalars(workdir)) == list(range(1, stopped + 1))
