@@ -16,7 +16,8 @@ Reconstructed (MS-ANet's text is not public; each a function argument, so a conf
     (a radiograph mirrored puts the heart on the wrong side, so it is not the default). `random_transform_params`
     defaults: zoom in U(1, 1.25) (zooming in keeps every output pixel inside the original, so T(CAM(x)) never
     needs a fill value), shifts up to ±10 % per axis, angles up to ±10°, flips always;
-  - the mask of `attention_consistency_sum` (e.g. only labels present in the image, or the transformed frame);
+  - the mask of `attention_consistency_sum` (e.g. only labels present in the image); training masks out what
+    'translate' and 'rotate' move out of the frame (`frame_mask`);
   - `cross_scale_consistency_sum`, agreement of the scales' maps with each other;
   - `focal_bce_sum` (Lin et al. 2017) as the alternative imbalance treatment;
   - a label with no known entries has no positive rate (NaN) and gets weights 1.
@@ -214,6 +215,25 @@ def transform_maps(
     float [B, h, w, K].
   """
   return _warp(maps, transform, params, cval)
+
+
+# Transforms that move part of the original frame out of view: T(CAM(x)) there is the fill value, not evidence.
+FRAME_LEAVING = ('translate', 'rotate')
+
+
+def frame_mask(
+  maps: jax.Array, transform: str, params: Mapping[str, jax.Array]
+) -> jax.Array | None:
+  """Where T(CAM(x)) comes from inside the original frame, as float [B, h, w, 1] (1 inside, 0 outside), for the
+  `mask` of `attention_consistency_sum`; None for transforms that keep every position inside (zoom in, flip).
+
+  Outside the frame T(CAM(x)) is `cval` (0, a logit of p = 0.5) while CAM(T(x)) sees the black border the
+  transform brought into the image; comparing the two there would train the maps toward the fill value.
+  """
+  if transform not in FRAME_LEAVING:
+    return None
+  ones = jnp.ones((*maps.shape[:3], 1), jnp.float32)
+  return (transform_maps(ones, transform, params) > 0.5).astype(jnp.float32)
 
 
 def random_transform_params(

@@ -342,8 +342,10 @@ def train_step(
         c_sum, c_count = attention_losses.attention_consistency_sum(
           m[batch_size:],
           attention_losses.transform_maps(m[:batch_size], attention.transform, transform),
+          attention_losses.frame_mask(m[:batch_size], attention.transform, transform),
         )
-        # c_count depends on shapes only: its global sum is this count times the replicas and micro-batches.
+        # c_count depends on shapes only (and, for transforms that leave the frame, on this micro-batch's draws):
+        # its global sum is this count times the replicas and micro-batches.
         denominator = lax.psum(c_count, axis_name) * num_chunks * len(maps)
         total += attention.consistency_weight * c_sum / denominator
     return total * size_weight, updates['batch_stats']

@@ -390,3 +390,27 @@ def test_msanet_trains_through_the_data_parallel_step_with_consistency():
   before = jax.device_get(state.params)
   for name in ('classifier', 'classifier_block2', 'classifier_block3', 'classifier_block4'):
     assert not np.array_equal(before[name]['kernel'], results[1.0][1][name]['kernel'])
+
+
+def test_consistency_leaves_out_what_a_translation_moves_out_of_the_frame():
+  """A CAM that is not zero on black (a bias) commutes with a translation inside the frame only: T(CAM(x)) is the
+  fill value where the frame moved away, CAM(T(x)) the bias on the black border. The frame mask leaves that out."""
+  images = _images(16, batch=1)
+  params = {'dx': jnp.array([2 / 16]), 'dy': jnp.array([-4 / 16])}  # fractions of the side: 2 and -4 px
+
+  def cam(x):
+    return _pixelwise_cam(x) + 1.0
+
+  transformed = _transform_images(images, 'translate', params)
+  maps = cam(images)
+  unmasked, _ = al.attention_consistency_sum(
+    cam(transformed), _transform_maps(maps, 'translate', params)
+  )
+  mask = al.frame_mask(maps, 'translate', params)
+  total, count = al.attention_consistency_sum(
+    cam(transformed), _transform_maps(maps, 'translate', params), mask
+  )
+  assert float(unmasked) > 1.0
+  assert float(total) < 1e-10
+  assert float(count) == (16 - 2) * (16 - 4) * 2  # the positions still inside, for both maps
+  assert al.frame_mask(maps, 'rescale', {'scale': jnp.array([1.2])}) is None
