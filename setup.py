@@ -18,7 +18,7 @@ setuptools.setup(
     'matplotlib>=3.7',
     'ml_collections>=1.0',
     'numpy>=1.26',
-    'optax>=0.2.4',
+    'optax>=0.2.5',
     'orbax-checkpoint>=0.11',
     'pillow>=10.0',
     'pydicom>=3.0',
