@@ -220,6 +220,11 @@ def validate_eval_config(config: ml_collections.ConfigDict, dp: parallel.DataPar
   if not sizes or len(set(sizes)) != len(sizes) or min(sizes) < 16:
     raise UserError(f'config.data.sizes={sizes} must be distinct sizes of at least 16 px')
   train.validate_map_size(config)
+  tolerance = config.eval.pointing_tolerance
+  if not isinstance(tolerance, (int, float)) or not 0.0 <= tolerance < 0.5:
+    raise UserError(
+      f'config.eval.pointing_tolerance={tolerance!r}; expected a fraction of the image side in [0, 0.5)'
+    )
   labels = tuple(config.data.labels)
   if not labels or len(set(labels)) != len(labels):
     raise UserError(f'config.data.labels={labels} must be distinct label names, at least one')
@@ -393,6 +398,7 @@ def _attention_outputs(config, run: _Run, records, probs, result) -> _Maps | Non
       labels,
       grid=config.eval.localization_grid,
       threshold=config.eval.iou_threshold,
+      tolerance=config.eval.pointing_tolerance,
     )
     result['localization']['map_size'] = size
   return _Maps(rows, maps, size, chosen)

@@ -396,7 +396,10 @@ def test_consistency_leaves_out_what_a_translation_moves_out_of_the_frame():
   """A CAM that is not zero on black (a bias) commutes with a translation inside the frame only: T(CAM(x)) is the
   fill value where the frame moved away, CAM(T(x)) the bias on the black border. The frame mask leaves that out."""
   images = _images(16, batch=1)
-  params = {'dx': jnp.array([2 / 16]), 'dy': jnp.array([-4 / 16])}  # fractions of the side: 2 and -4 px
+  params = {
+    'dx': jnp.array([2 / 16]),
+    'dy': jnp.array([-4 / 16]),
+  }  # fractions of the side: 2 and -4 px
 
   def cam(x):
     return _pixelwise_cam(x) + 1.0

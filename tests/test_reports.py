@@ -275,6 +275,18 @@ def test_msanet_smoke_run_writes_every_report_file(msanet_run):
   assert (workdir / 'eval' / 'again' / 'metrics.json').read_bytes() == (
     out / 'metrics.json'
   ).read_bytes()
+  # A pointing-game margin counts at least the same hits.
+  _run_module(
+    'ms_cxr.evaluate',
+    f'--workdir={workdir}',
+    '--config.eval.name=margin',
+    '--config.eval.pointing_tolerance=0.1',
+  )
+  margin = json.loads((workdir / 'eval' / 'margin' / 'metrics.json').read_text())['localization']
+  assert (loc['pointing_tolerance'], margin['pointing_tolerance']) == (0.0, 0.1)
+  for label, entry in loc['per_label'].items():
+    if entry:
+      assert margin['per_label'][label]['pointing_game'] >= entry['pointing_game']
 
 
 def _vindr_kaggle_root(root, num_images: int):
