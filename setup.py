@@ -9,7 +9,7 @@ setuptools.setup(
   long_description=open('README.md', encoding='utf-8').read(),
   long_description_content_type='text/markdown',
   packages=setuptools.find_packages(include=['ms_cxr', 'ms_cxr.*']),
-  python_requires='>=3.10',
+  python_requires='>=3.11',
   install_requires=[
     'absl-py>=2.1',
     'flax>=0.10',
@@ -28,6 +28,6 @@ setuptools.setup(
     'tensorflow-datasets>=4.9.7',
   ],
   extras_require={
-    'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'ruff>=0.6'],
+    'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'ruff==0.17.6'],
   },
 )

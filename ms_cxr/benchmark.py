@@ -439,7 +439,7 @@ def _timing(
 def _stamp() -> Record:
   return {
     'load_average_end': list(os.getloadavg()),
-    'timestamp': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+    'timestamp': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
   }
 
 

@@ -4,7 +4,7 @@ Both must happen before anything touches a device (`jax.devices()`, the first co
 calls them first. A run is multi-process when `config.parallel.multihost=True` or when `detect_cluster` recognises
 a launcher that started several processes:
 
-  * `slurm`: `srun` with more than one task (SLURM_JOB_ID, SLURM_PROCID, SLURM_STEP_NUM_TASKS or SLURM_NTASKS > 1);
+  * `slurm`: `srun` with more than one task (SLURM_JOB_ID, SLURM_PROCID, SLURM_STEP_NUM_TASKS > 1);
     JAX derives the coordinator (first node of the step), the number of processes and this process's id.
   * `tpu_pod`: a Cloud TPU pod slice or multislice (TPU_WORKER_HOSTNAMES or TPU_PROCESS_ADDRESSES naming more than
     one host, or MEGASCALE_NUM_SLICES > 1); JAX reads the rest from the TPU environment or metadata server. A plain
@@ -55,8 +55,12 @@ def detect_cluster(environ: Mapping[str, str]) -> str | None:
     None for a single process (including a SLURM job step or TPU VM with one task/host).
   """
   if 'SLURM_JOB_ID' in environ and 'SLURM_PROCID' in environ:
-    # srun sets SLURM_STEP_NUM_TASKS for the job step; SLURM_NTASKS alone is the allocation's task count.
-    tasks = environ.get('SLURM_STEP_NUM_TASKS', environ.get('SLURM_NTASKS'))
+    # srun sets SLURM_STEP_NUM_TASKS for the job step. SLURM_NTASKS alone is the allocation's task count: the
+    # batch script of an --ntasks=8 job has it, and run there without srun this is one process (rank 0), which must
+    # not wait for seven others. A rank above 0 is one of several whatever the variables say.
+    tasks = environ.get('SLURM_STEP_NUM_TASKS')
+    if tasks is None:
+      tasks = environ.get('SLURM_NTASKS') if _int(environ.get('SLURM_PROCID'), 0) > 0 else '1'
     if _int(tasks, 1) > 1:
       return 'slurm'
   tpu_hosts = environ.get('TPU_PROCESS_ADDRESSES') or environ.get('TPU_WORKER_HOSTNAMES')

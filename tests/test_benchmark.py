@@ -116,7 +116,7 @@ def _check_environment(record):
   assert len(record['load_average_start']) == len(record['load_average_end']) == 3
   stamp = datetime.datetime.fromisoformat(record['timestamp'])
   assert stamp.tzinfo is not None
-  assert abs(datetime.datetime.now(datetime.timezone.utc) - stamp) < datetime.timedelta(hours=1)
+  assert abs(datetime.datetime.now(datetime.UTC) - stamp) < datetime.timedelta(hours=1)
   assert record['host_rss_peak_bytes'] > 2**20 and record['host_maxrss_bytes'] > 2**20
 
 

@@ -43,6 +43,8 @@ K8S_POD_1 = {
     ({'SLURM_JOB_ID': '123', 'SLURM_PROCID': '0', 'SLURM_NTASKS': '1'}, None),
     ({'SLURM_JOB_ID': '123', 'SLURM_PROCID': '1', 'SLURM_NTASKS': '2'}, 'slurm'),
     ({'SLURM_JOB_ID': '123', 'SLURM_NTASKS': '4'}, None),  # salloc shell: no task id
+    # The batch script of an --ntasks=4 job, run without srun: one process.
+    ({'SLURM_JOB_ID': '123', 'SLURM_PROCID': '0', 'SLURM_NTASKS': '4'}, None),
     ({'SLURM_JOB_ID': '123', 'SLURM_PROCID': '0', 'SLURM_NTASKS': 'lots'}, None),
     ({'TPU_WORKER_HOSTNAMES': 't1k-0,t1k-1,t1k-2,t1k-3', 'TPU_WORKER_ID': '3'}, 'tpu_pod'),
     ({'TPU_WORKER_HOSTNAMES': 'localhost', 'TPU_WORKER_ID': '0'}, None),  # a single-host TPU VM
