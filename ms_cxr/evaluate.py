@@ -13,6 +13,15 @@ Both are written through temporary files, so an interrupted evaluation never lea
 
 from __future__ import annotations
 
+# ruff: noqa: E402  (the imports after the re-execution below)
+import sys
+
+if __name__ == '__main__':
+  # First, before the imports below: the re-executed process would repeat them (2-3 s of every launch).
+  from ms_cxr import hugepages
+
+  hugepages.reexec_with_huge_pages()
+
 import csv
 import dataclasses
 import functools
@@ -21,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -844,10 +852,6 @@ def _define_flags(argv: list[str], flag_values: Any = None) -> None:
 
 if __name__ == '__main__':
   from absl import app
-
-  from ms_cxr import hugepages
-
-  hugepages.reexec_with_huge_pages()
 
   _define_flags(sys.argv)
   app.run(_main, flags_parser=cli.parse_flags)

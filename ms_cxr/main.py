@@ -14,14 +14,21 @@ Multi-process runs (SLURM, Cloud TPU pods, Kubernetes, `launch/local.sh --num_pr
 `jax.distributed` here, before anything touches a device; see ms_cxr/distributed.py and launch/.
 """
 
+# ruff: noqa: E402  (the imports after the re-execution below)
 import os
 import sys
+
+if __name__ == '__main__':
+  # First, before the imports below: the re-executed process would repeat them (2-3 s of every launch).
+  from ms_cxr import hugepages
+
+  hugepages.reexec_with_huge_pages()
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ms_cxr import cli, distributed, evaluate, hugepages, models, train
+from ms_cxr import cli, distributed, evaluate, models, train
 from ms_cxr.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -157,5 +164,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  hugepages.reexec_with_huge_pages()
   app.run(main, flags_parser=cli.parse_flags)
