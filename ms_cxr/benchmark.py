@@ -206,6 +206,11 @@ def validate(options: Options) -> None:
     raise UserError(f'--dtype={options.dtype!r}; expected one of {DTYPES}')
   if options.reference and options.reference not in REFERENCES:
     raise UserError(f'--reference={options.reference!r}; expected one of {REFERENCES}')
+  if options.reference and options.num_devices != 1:
+    # The reference runs on one device; a ratio against a mesh of several would compare unequal hardware.
+    raise UserError(
+      f'--torch / --reference compare one device with one: expected --num_devices=1, got {options.num_devices}'
+    )
   if options.what == 'input':
     if options.reference:
       raise UserError('--torch / --reference apply to --what=train or --what=eval, not input')

@@ -301,6 +301,10 @@ def test_input_on_a_plain_folder_of_images(tmp_path):
       'error: --torch / --reference apply to --what=train or --what=eval, not input',
     ),
     (
+      ('--torch', '--num_devices=2'),
+      'error: --torch / --reference compare one device with one: expected --num_devices=1, got 2',
+    ),
+    (
       ('--what=input', '--data_root=/nonexistent/folder'),
       "error: --data_root='/nonexistent/folder' is not a folder",
     ),

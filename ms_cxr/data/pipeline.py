@@ -151,7 +151,10 @@ class _LoadEvalExample:
     record = self.records[index if valid else 0]
     skipped = 0
     try:
-      pixels = images.load(record.image, self.sizes)
+      if valid:
+        pixels = images.load(record.image, self.sizes)
+      else:  # padding to a whole global batch: not scored, so not decoded
+        pixels = {s: np.zeros((s, s), np.uint8) for s in self.sizes}
     except ValueError as e:
       if not self.skip_bad:
         raise UserError(f'{e}; data.skip_bad=True leaves unreadable images out') from None

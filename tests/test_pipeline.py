@@ -1,0 +1,91 @@
+"""The input pipeline's guarantees, on synthetic records at small sizes: multi-process shards that make up the
+single-process batches, the same view of an image at every size, evaluation padded without losing or decoding
+anything extra, and an iterator that resumes where it was saved."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from ms_cxr.data import datasets, pipeline
+
+
+@pytest.fixture(scope='module')
+def setup():
+  from configs import base
+
+  config = base.get_config()
+  config.data.sizes = (24, 32)
+  config.data.synthetic.update({'num_train': 20, 'num_val': 0, 'num_test': 11})
+  config.data.prefetch_batches = 0
+  config.train.global_batch_size = 4
+  config.eval.batch_size = 4
+  return config, datasets.load_split(config.data, 'train'), datasets.load_split(config.data, 'test')
+
+
+def _take(dataset, n):
+  return list(itertools.islice(iter(dataset), n))
+
+
+def test_two_processes_split_the_single_process_batches(setup):
+  config, train, _ = setup
+  config = config.copy_and_resolve_references()
+  config.train.multiscale = 'all'
+  whole = _take(pipeline.train_dataset(train, config), 3)
+  halves = [
+    _take(pipeline.train_dataset(train, config, process_index=p, process_count=2), 3)
+    for p in (0, 1)
+  ]
+  for step, batch in enumerate(whole):
+    for key in ('index', 'labels', 'image_24', 'image_32'):
+      joined = np.concatenate([halves[0][step][key], halves[1][step][key]])
+      np.testing.assert_array_equal(joined, batch[key], err_msg=f'{key} of step {step}')
+
+
+def test_all_sizes_of_an_example_see_the_same_view(setup):
+  config, train, _ = setup
+  config = config.copy_and_resolve_references()
+  config.train.multiscale = 'all'
+  config.data.augment.max_translate = (
+    0.2  # a large shift: a view drawn per size would differ visibly
+  )
+  (batch,) = _take(pipeline.train_dataset(train, config), 1)
+  small = batch['image_24'].astype(np.float32)
+  large = batch['image_32'].astype(np.float32)
+  # The 32 px view shrunk to 24 px is close to the 24 px view: the same rotation, shift and contrast.
+  from ms_cxr.data import images
+
+  shrunk = np.stack([images.resize(x[:, :, 0].astype(np.uint8), 24) for x in large])[..., None]
+  assert np.abs(shrunk - small).mean() < 6.0
+
+
+def test_evaluation_is_padded_to_whole_batches_and_keeps_every_image(setup):
+  config, _, test = setup
+  batches = _take(pipeline.eval_dataset(test, config), 10)
+  assert len(batches) == 3  # 11 images in batches of 4
+  index = np.concatenate([b['index'] for b in batches])
+  valid = np.concatenate([b['valid'] for b in batches])
+  assert index[valid].tolist() == list(range(11))
+  assert index[~valid].tolist() == [-1]
+  padding = batches[-1]['image_32'][~batches[-1]['valid']]
+  assert padding.max() == 0  # not decoded
+  # Two processes: disjoint halves of every batch, together the split once.
+  shards = [
+    _take(pipeline.eval_dataset(test, config, process_index=p, process_count=2), 10) for p in (0, 1)
+  ]
+  seen = [i for shard in shards for b in shard for i in b['index'].tolist() if i >= 0]
+  assert sorted(seen) == list(range(11))
+
+
+def test_the_train_iterator_resumes_from_its_saved_state(setup):
+  config, train, _ = setup
+  iterator = iter(pipeline.train_dataset(train, config))
+  for _ in range(2):
+    next(iterator)
+  state = iterator.get_state()
+  expected = next(iterator)
+  resumed = iter(pipeline.train_dataset(train, config))
+  resumed.set_state(state)
+  got = next(resumed)
+  for key in expected:
+    np.testing.assert_array_equal(got[key], expected[key])
