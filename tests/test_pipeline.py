@@ -56,7 +56,9 @@ def test_all_sizes_of_an_example_see_the_same_view(setup):
   from ms_cxr.data import images
 
   shrunk = np.stack([images.resize(x[:, :, 0].astype(np.uint8), 24) for x in large])[..., None]
-  assert np.abs(shrunk - small).mean() < 6.0
+  assert (
+    np.abs(shrunk - small).mean() < 15.0
+  )  # about 5 here; views drawn per size differ by about 60
 
 
 def test_evaluation_is_padded_to_whole_batches_and_keeps_every_image(setup):
