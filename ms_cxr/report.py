@@ -144,13 +144,26 @@ def per_size_table(result: dict[str, Any], fmt: str = 'md') -> str:
 def localization_table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
   """Markdown: per label, the pointing-game hit rate and mean IoU of each run's attention maps (n = images)."""
   labels = runs[0][1]['labels']
+  for name, result in runs[1:]:
+    if result['labels'] != labels:
+      raise UserError(f'{name} has labels {result["labels"]}; the first run has {labels}')
   header = ['label', 'n']
   for name, _ in runs:
     header += [f'{name} pointing game', f'{name} IoU']
   rows = [header]
   for label in labels + ['mean']:
-    first = runs[0][1]['localization']
-    n = '' if label == 'mean' else (first['per_label'][label] or {}).get('num_images', 0)
+    # Boxed images scored per run: one number when the runs agree, else each run's (e.g. other
+    # eval.localization_max_images), in run order.
+    counts = [
+      (result['localization']['per_label'].get(label) or {}).get('num_images', 0)
+      for _, result in runs
+    ]
+    if label == 'mean':
+      n = ''
+    elif len(set(counts)) == 1:
+      n = str(counts[0])
+    else:
+      n = ' / '.join(str(c) for c in counts)
     row = [label, str(n)]
     for _, result in runs:
       loc = result['localization']
@@ -194,14 +207,31 @@ def compare_table(name_a: str, name_b: str, comparison: dict[str, Any], fmt: str
   return _render(rows, fmt)
 
 
+def run_names(paths: Sequence[str]) -> list[str]:
+  """Column names for the runs: each workdir's folder name (for a metrics.json, the workdir it was written in,
+  <workdir>/eval/<name>/metrics.json, else its folder); where two would be the same, the paths as given."""
+
+  def short(path: str) -> str:
+    path = os.path.normpath(path)
+    if path.endswith('.json'):
+      folder = os.path.dirname(os.path.abspath(path))
+      parent = os.path.dirname(folder)
+      path = os.path.dirname(parent) if os.path.basename(parent) == 'eval' else folder
+    return os.path.basename(path)
+
+  names = [short(p) for p in paths]
+  full = [os.path.normpath(p) for p in paths]
+  return [full[i] if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
 def main(argv: Sequence[str]) -> None:
   paths = argv[1:]
   if not paths:
     raise app.UsageError('give one or more workdirs (or metrics.json files)')
   try:
-    runs = [
-      (os.path.basename(os.path.normpath(p)), load_metrics(p, FLAGS.eval_name)) for p in paths
-    ]
+    runs = list(
+      zip(run_names(paths), [load_metrics(p, FLAGS.eval_name) for p in paths], strict=True)
+    )
     if FLAGS.localization:
       missing = [name for name, result in runs if 'localization' not in result]
       if missing:

@@ -333,3 +333,28 @@ def test_external_validation_on_vindr_writes_the_label_mapping(msanet_run, tmp_p
   assert mapping['sources']['Mass'] == mapping['sources']['Nodule'] == ['Nodule/Mass']
   assert mapping['unmapped'] == []
   assert saved['labels'] == list(densenet.get_config().data.labels)
+
+
+def test_run_names_are_workdirs_and_unique():
+  assert report.run_names(['runs/a/densenet_224', 'runs/ssbn/']) == ['densenet_224', 'ssbn']
+  # A metrics.json is named by the workdir it was written in; equal names fall back to the paths given.
+  assert report.run_names(['runs/x/eval/test/metrics.json', 'other/y.json']) == ['x', 'other']
+  assert report.run_names(['runs/a/ssbn', 'runs/b/ssbn']) == ['runs/a/ssbn', 'runs/b/ssbn']
+
+
+def test_localization_table_shows_each_runs_count_when_they_differ():
+  def run(n, labels=('Mass', 'Nodule')):
+    per_label = {
+      label: {'num_images': n, 'pointing_game': 0.5, 'mean_iou': 0.25} for label in labels
+    }
+    return {
+      'labels': list(labels),
+      'localization': {'per_label': per_label, 'mean_pointing_game': 0.5, 'mean_iou': 0.25},
+    }
+
+  text = report.localization_table([('a', run(4)), ('b', run(4))])
+  assert '| Mass | 4 | 0.500 | 0.250 | 0.500 | 0.250 |' in text
+  text = report.localization_table([('a', run(4)), ('b', run(9))])
+  assert '| Mass | 4 / 9 |' in text
+  with pytest.raises(UserError, match="b has labels \\['Mass'\\]"):
+    report.localization_table([('a', run(4)), ('b', run(4, ('Mass',)))])
