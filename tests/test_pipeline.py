@@ -91,3 +91,27 @@ def test_the_train_iterator_resumes_from_its_saved_state(setup):
   got = next(resumed)
   for key in expected:
     np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_16_bit_images_get_one_rule_whatever_their_maximum(tmp_path):
+  """A ramp reaching 4000 and the same ramp reaching 4200 come out alike (a peak guessed per image sent the
+  second to 1/16 of the brightness); a flat image is black."""
+  from PIL import Image
+
+  from ms_cxr.data import images
+
+  ramp = np.linspace(0.0, 1.0, 64)[None, :].repeat(8, axis=0)
+  decoded = []
+  for peak in (4000, 4200, 60000):
+    path = tmp_path / f'ramp_{peak}.png'
+    Image.fromarray((ramp * peak).astype(np.uint16)).save(path)
+    with Image.open(path) as img:
+      assert img.mode.startswith('I')
+      decoded.append(images.to_uint8_grayscale(img))
+  for pixels in decoded:
+    assert (pixels.min(), pixels.max()) == (0, 255)
+    assert np.abs(pixels.astype(int) - decoded[0]).max() <= 1
+  flat = tmp_path / 'flat.png'
+  Image.fromarray(np.full((4, 4), 1234, np.uint16)).save(flat)
+  with Image.open(flat) as img:
+    assert images.to_uint8_grayscale(img).max() == 0

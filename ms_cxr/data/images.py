@@ -71,12 +71,19 @@ def _load_prepared(ref: str) -> np.ndarray:
 
 
 def to_uint8_grayscale(img: Image.Image) -> np.ndarray:
-  """PIL image of any common mode -> uint8 grayscale array; 16-bit images are scaled by their bit
-  depth."""
+  """PIL image of any common mode -> uint8 grayscale array.
+
+  16-bit (and 32-bit integer) images are stretched from their own minimum to their maximum, as a DICOM without a
+  window is (ms_cxr.data.dicom): one rule for every image of a dataset, whether its values fill the 16-bit range
+  (as the PNG standard has them) or hold a detector's raw 12 or 14 bits. Scaling by a peak guessed from each
+  image's maximum would map the same stored value to grey levels 16x apart in two images of one dataset.
+  """
   if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
     arr = np.asarray(img, dtype=np.float64)
-    peak = 65535.0 if arr.max() > 4095 else 4095.0 if arr.max() > 255 else 255.0
-    return np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
+    lo, hi = arr.min(), arr.max()
+    if hi <= lo:
+      return np.zeros(arr.shape, np.uint8)
+    return np.clip(np.round((arr - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
   if img.mode != 'L':
     img = img.convert('L')
   return np.asarray(img, dtype=np.uint8)
