@@ -25,7 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.prepared_dir = ''
   data.labels = datasets.default_labels('synthetic')  # label names, in model-output order
   data.sizes = (224,)  # square input sides (px); several = multi-scale (see train.multiscale)
-  data.seed = 0  # shuffle, augmentation, synthetic rendering and the patient-wise val split
+  # The dataset's split: the patient-wise validation carve of the real datasets and the synthetic set's contents.
+  data.split_seed = 0
+  # The data order: shuffle, augmentation, multi-scale size draws (replicates of a run vary this and train.seed).
+  data.seed = 0
   data.val_fraction = 0.1  # real datasets: share of training patients held out for validation
   data.num_workers = 0  # Grain worker processes (0 = decode in the main process)
   data.prefetch_batches = 2  # batches prepared ahead of the step

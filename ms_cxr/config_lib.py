@@ -63,3 +63,15 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 def to_json(config: ml_collections.ConfigDict) -> str:
   """The resolved config as stable, human-readable JSON (tuples become lists)."""
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + '\n'
+
+
+def upgrade_written(values: dict[str, Any]) -> dict[str, Any]:
+  """A config as written to a workdir's config.json, brought to the current fields where their meaning moved.
+
+  Before `data.split_seed` existed, `data.seed` also chose the split (the validation carve, the synthetic set's
+  contents): such a config's split seed is its `data.seed`.
+  """
+  data = values.get('data')
+  if isinstance(data, dict) and 'split_seed' not in data and 'seed' in data:
+    values = {**values, 'data': {**data, 'split_seed': data['seed']}}
+  return values

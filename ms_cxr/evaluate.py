@@ -40,6 +40,7 @@ import numpy as np
 from ms_cxr import (
   checkpointing,
   cli,
+  config_lib,
   fusion,
   localization,
   metrics,
@@ -66,7 +67,7 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f'{path}: not valid JSON ({e})') from None
   if not isinstance(values, dict):
     raise UserError(f'{path}: expected a JSON object of config sections')
-  return _with_defaults(values)
+  return _with_defaults(config_lib.upgrade_written(values))
 
 
 def _as_tuple(value: Any) -> Any:

@@ -624,7 +624,7 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None
     return
   try:
     with open(path) as f:
-      old = _flatten(json.load(f))
+      old = _flatten(config_lib.upgrade_written(json.load(f)))
   except (OSError, json.JSONDecodeError) as e:
     raise UserError(f'{path}: cannot read the config this workdir was trained with ({e})') from None
   new = _flatten(json.loads(config_lib.to_json(config)))

@@ -176,3 +176,19 @@ def test_report_folder_names_the_checkpoint_and_is_replaced_whole(untrained_work
   assert evaluate.report_name(config) == 'test_best'
   config.eval.name = 'external'
   assert evaluate.report_name(config) == 'external'
+
+
+def test_a_config_written_before_split_seed_keeps_its_split(tmp_path):
+  """Before data.split_seed, data.seed chose the split too: such a workdir is evaluated on the split it was
+  trained with."""
+  from configs import densenet
+  from ms_cxr import config_lib
+
+  values = json.loads(config_lib.to_json(densenet.get_config('smoke')))
+  del values['data']['split_seed']
+  values['data']['seed'] = 3
+  (tmp_path / 'config.json').write_text(json.dumps(values))
+  config = evaluate.load_workdir_config(str(tmp_path))
+  assert (config.data.seed, config.data.split_seed) == (3, 3)
+  current = config_lib.upgrade_written({'data': {'seed': 3, 'split_seed': 0}})
+  assert current['data']['split_seed'] == 0

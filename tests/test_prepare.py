@@ -195,8 +195,8 @@ def test_a_preparation_is_read_only_under_its_own_data_settings(tmp_path):
   manifest = re.escape(str(tmp_path / 'prepared' / prepare.MANIFEST))
 
   changed = data.copy_and_resolve_references()
-  changed.seed = 7
-  with pytest.raises(UserError, match=f'{manifest}: .*data.seed: 0 there, 7 here'):
+  changed.split_seed = 7
+  with pytest.raises(UserError, match=f'{manifest}: .*data.split_seed: 0 there, 7 here'):
     datasets.load_split(changed, 'train')
   changed = data.copy_and_resolve_references()
   changed.synthetic.num_train = 5

@@ -99,7 +99,7 @@ def load_split(
         data_config.root,
         split=split,
         val_fraction=data_config.val_fraction,
-        seed=data_config.seed,
+        seed=data_config.split_seed,
         labels=tuple(data_config.labels),
       )
     with bad_input.collecting() as bad:
@@ -107,7 +107,7 @@ def load_split(
         data_config.root,
         split=split,
         val_fraction=data_config.val_fraction,
-        seed=data_config.seed,
+        seed=data_config.split_seed,
         labels=tuple(data_config.labels),
       )
   except (ValueError, FileNotFoundError) as e:
@@ -133,7 +133,7 @@ def _synthetic_split(data_config: ml_collections.ConfigDict, split: str) -> list
   for name in SPLITS:
     count = data_config.synthetic[f'num_{name}']
     if name == split:
-      records = synthetic.make_records(data_config.seed, start, count, per_patient)
+      records = synthetic.make_records(data_config.split_seed, start, count, per_patient)
       unknown = [label for label in data_config.labels if label not in synthetic.LABELS]
       if unknown:
         raise UserError(

@@ -43,7 +43,7 @@ Per example the shards hold `image` (PNG, uint8 [size, size, 1]), `id`, `source`
 `box`, float64 (x0, y0, x1, y1) image fractions).
 
 Training reads a preparation (`data.prepared_dir`) only under the `data` settings it was made with (the dataset,
-its own section such as `data.chexpert`, `data.seed` and `data.val_fraction`, which decide the records and their
+its own section such as `data.chexpert`, `data.split_seed` and `data.val_fraction`, which decide the records and their
 labels; the root may have moved) and at sizes up to the prepared one: otherwise an error names the fields.
 
 Reading back: `read_prepared(OUT, split, labels=...)` returns the split's `Record`s with `image` set to a reference
@@ -92,7 +92,7 @@ BUILDER_NAME = 'prepared_cxr'
 PNG_COMPRESS_LEVEL = 6
 # The `data` fields besides the dataset's own section (data.nih, data.chexpert, ...) that decide which records a
 # split holds, in what order and with what labels; a preparation is read only under the values it was made with.
-RECORD_FIELDS = ('dataset', 'seed', 'val_fraction')
+RECORD_FIELDS = ('dataset', 'split_seed', 'val_fraction')
 # The folder inside OUT that a preparation is built in, and moved out of once complete.
 STAGING = '.partial'
 # Random access reads one record at a time: no read-ahead, as Grain's ArrayRecord source does.
