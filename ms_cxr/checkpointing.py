@@ -178,6 +178,29 @@ class Checkpointer:
       raise UserError(f'checkpoint {location} does not fit the configured model: {e}') from None
     return restored.state, meta
 
+  def restore_variables(
+    self,
+    manager: ocp.CheckpointManager,
+    step: int,
+    sharding: jax.sharding.Sharding,
+    expected_meta: dict[str, Any],
+  ) -> dict[str, PyTree]:
+    """{'params', 'batch_stats'} of a checkpoint (what evaluation needs), after checking the metadata.
+
+    The state is restored as it was saved (its structure read from the checkpoint), so an optimizer state of
+    another layout than this config's (other optim settings, or Adam's step counts before they were kept per
+    parameter) does not stand in the way.
+
+    Raises:
+      UserError: the checkpoint was written for another model or other labels, or cannot be read.
+    """
+    saved = manager.item_metadata(step).state
+    abstract = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), saved
+    )
+    state, _ = self.restore(manager, step, abstract, expected_meta)
+    return {'params': state['params'], 'batch_stats': state['batch_stats']}
+
   def wait(self) -> None:
     """Blocks until background saves have finished."""
     self.latest.wait_until_finished()

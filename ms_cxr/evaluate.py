@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from ms_cxr import (
   checkpointing,
@@ -119,17 +120,30 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, dp: parallel.DataP
   try:
     manager, step = ckpt.resolve_step(config.eval.checkpoint, config.eval.step)
     model = models.create_model(config.model, len(config.data.labels), config.data.sizes)
+    # The variables alone: evaluation needs no optimizer state, so a checkpoint whose optimizer state has another
+    # layout (other optim settings, or Adam's counts before they were per parameter) evaluates all the same.
     template = jax.eval_shape(
-      lambda: train.create_train_state(
-        config, model, train.config_optimizer(config), load_init_from=False
-      )
+      lambda: train.create_train_state(config, model, optax.identity(), load_init_from=False)
     )
     replicated = jax.sharding.NamedSharding(dp.mesh, jax.sharding.PartitionSpec())
-    state, _ = ckpt.restore(
-      manager,
-      step,
-      checkpointing.abstract_like(template, replicated),
-      checkpointing.checkpoint_meta(config),
+    variables = ckpt.restore_variables(
+      manager, step, replicated, checkpointing.checkpoint_meta(config)
+    )
+    # The checkpoint's variables must be this model's (the optimizer state is not compared).
+    expected = {'params': template.params, 'batch_stats': template.batch_stats}
+    if jax.tree.structure(variables) != jax.tree.structure(expected) or any(
+      a.shape != b.shape
+      for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(expected), strict=True)
+    ):
+      raise UserError(
+        f'checkpoint of step {step} in {workdir!r} does not fit the configured model '
+        f'({config.model.name}, sizes {tuple(config.data.sizes)}, {len(config.data.labels)} labels)'
+      )
+    state = train.TrainState.create(
+      apply_fn=model.apply,
+      params=variables['params'],
+      tx=optax.identity(),
+      batch_stats=variables['batch_stats'],
     )
   finally:
     ckpt.close()

@@ -192,3 +192,25 @@ def test_a_config_written_before_split_seed_keeps_its_split(tmp_path):
   assert (config.data.seed, config.data.split_seed) == (3, 3)
   current = config_lib.upgrade_written({'data': {'seed': 3, 'split_seed': 0}})
   assert current['data']['split_seed'] == 0
+
+
+def test_evaluation_restores_the_variables_whatever_the_optimizer_state(tmp_path):
+  """An SSBN checkpoint whose Adam state has one step count (the layout before counts per parameter) still
+  evaluates: evaluation restores the variables alone."""
+  from configs import ssbn as ssbn_config
+
+  config = ssbn_config.get_config('smoke')
+  config.ckpt.async_save = False
+  workdir = str(tmp_path / 'ssbn')
+  train.prepare_workdir(config, workdir)
+  model = models.create_model(config.model, len(config.data.labels), config.data.sizes)
+  schedule = train.create_learning_rate_schedule(config.optim, config.train.num_steps)
+  shared_count = train.create_optimizer(config.optim, schedule, count_per_leaf=False)
+  state = train.create_train_state(config, model, shared_count, load_init_from=False)
+  ckpt = checkpointing.Checkpointer(workdir, config.ckpt)
+  ckpt.save(1, state, None, checkpointing.checkpoint_meta(config, step=1))
+  ckpt.wait()
+  ckpt.close()
+  config = _quick(evaluate.load_workdir_config(workdir))
+  result = evaluate.evaluate(config, workdir)
+  assert result['checkpoint_step'] == 1 and len(result['per_size']) == 3
