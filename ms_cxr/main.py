@@ -15,7 +15,6 @@ Multi-process runs (SLURM, Cloud TPU pods, Kubernetes, `launch/local.sh --num_pr
 """
 
 # ruff: noqa: E402  (the imports after the re-execution below)
-import os
 import sys
 
 if __name__ == '__main__':
@@ -56,7 +55,7 @@ EXIT_USER_ERROR = cli.EXIT_USER_ERROR
 EXIT_NON_FINITE = 3
 # Stopped by SIGTERM after saving a checkpoint: a scheduler can requeue the same command, which resumes.
 EXIT_PREEMPTED = 4
-PREEMPTED_MARKER_ENV = 'MS_CXR_PREEMPTED_MARKER'
+PREEMPTED_MARKER_ENV = train.PREEMPTED_MARKER_ENV
 
 
 def summary(config) -> None:
@@ -152,11 +151,6 @@ def main(argv) -> None:
     sys.exit(EXIT_NON_FINITE)
   except train.Preempted as e:
     print(f'preempted: {e}', file=sys.stderr)
-    marker = os.environ.get(PREEMPTED_MARKER_ENV)
-    if marker and jax.process_index() == 0:
-      # Every process waited for the checkpoint before raising: it is complete when this is written.
-      with open(marker, 'w') as f:
-        f.write(f'{e}\n')
     sys.exit(EXIT_PREEMPTED)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)

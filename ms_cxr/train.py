@@ -961,6 +961,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           last_saved = step
         ckpt.wait()
         writer.log(f'SIGTERM: checkpoint of step {step} saved; stopping')
+        write_preempted_marker(step)
         raise Preempted(step, workdir)
   finally:
     preemption.restore()
@@ -970,6 +971,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if hasattr(train_iter, 'close'):  # stops Grain worker processes and frees their shared memory
       train_iter.close()
   return state
+
+
+PREEMPTED_MARKER_ENV = 'MS_CXR_PREEMPTED_MARKER'
+
+
+def write_preempted_marker(step: int) -> None:
+  """With `MS_CXR_PREEMPTED_MARKER=FILE` set, process 0 writes FILE once the preempted run's checkpoint is saved,
+  and no process goes on before it is written (a barrier), so a launcher that kills the other tasks when the first
+  one exits (srun --kill-on-bad-exit) finds it whichever exits first (launch/slurm.sbatch). A file that cannot be
+  written is a warning: the run still ends as preempted, with status 4."""
+  marker = os.environ.get(PREEMPTED_MARKER_ENV)
+  if not marker:
+    return
+  if jax.process_index() == 0:
+    try:
+      with open(marker + '.tmp', 'w') as f:
+        f.write(f'SIGTERM: stopped after step {step}\n')
+      os.replace(marker + '.tmp', marker)
+    except OSError as e:
+      logging.warning('cannot write the preemption marker %s: %s', marker, e)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices('ms_cxr preemption marker written')
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
