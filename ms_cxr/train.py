@@ -628,7 +628,8 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None
   except (OSError, json.JSONDecodeError) as e:
     raise UserError(f'{path}: cannot read the config this workdir was trained with ({e})') from None
   new = _flatten(json.loads(config_lib.to_json(config)))
-  fields = [k for k in new if k in old and old[k] != new[k]]
+  # Compared as JSON text: a NaN field (data.chexpert.blank=nan) equals itself there.
+  fields = [k for k in new if k in old and json.dumps(old[k]) != json.dumps(new[k])]
   refused = [k for k in fields if not _may_change_on_resume(k, old[k], new[k])]
   if refused:
     changes = ', '.join(f'{k} {old[k]!r} -> {new[k]!r}' for k in refused)

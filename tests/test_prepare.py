@@ -332,3 +332,28 @@ def test_prepared_and_native_routes_yield_identical_batches(tmp_path):
         np.testing.assert_array_equal(a[key], c[key])
   finally:
     workers_it.close()
+
+
+def test_a_split_of_which_no_image_reads_is_a_one_line_error(tmp_path, monkeypatch):
+  def fail(ref, size):
+    raise ValueError(f'{ref}: cannot be read')
+
+  monkeypatch.setattr(prepare, 'encode_png', fail)
+  data = _data_config('synthetic', skip_bad=True)
+  data.synthetic.update({'num_train': 3, 'num_val': 0, 'num_test': 0})
+  with pytest.raises(
+    ValueError, match=r'none of the 3 train images could be read, e\.g\. .*cannot be read'
+  ):
+    prepare.prepare(data, tmp_path, size=32, splits=('train',), progress=False)
+  assert not (tmp_path / prepare.MANIFEST).exists()
+
+
+def test_a_manifest_from_before_split_seed_is_read_with_its_seed(tmp_path):
+  data = _data_config('synthetic', sizes=(32,))
+  data.synthetic.update({'num_train': 3, 'num_val': 0, 'num_test': 0})
+  prepare.prepare(data, tmp_path, size=32, splits=('train',), progress=False)
+  manifest = json.loads((tmp_path / prepare.MANIFEST).read_text())
+  del manifest['data_config']['split_seed']  # as written before the field existed
+  (tmp_path / prepare.MANIFEST).write_text(json.dumps(manifest))
+  data.prepared_dir = str(tmp_path)
+  assert len(datasets.load_split(data, 'train')) == 3

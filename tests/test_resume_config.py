@@ -150,3 +150,24 @@ def test_every_process_refuses_and_only_process_0_writes(smoke_config, tmp_path,
     train.prepare_workdir(_changed(smoke_config, data__seed=1), workdir)
   train.prepare_workdir(_changed(smoke_config, train__num_steps=24), workdir)
   assert open(f'{workdir}/config.json', 'rb').read() == before
+
+
+def test_a_nan_field_resumes_and_a_config_from_before_split_seed_keeps_its_seed(
+  smoke_config, tmp_path
+):
+  config = _changed(smoke_config, data__chexpert__blank=float('nan'))
+  workdir = _trained_workdir(config, tmp_path / 'run')
+  train.check_resume_config(
+    config.copy_and_resolve_references(), workdir
+  )  # NaN then, NaN now: the same
+  # A config.json written before data.split_seed: its data.seed chose the split, so that is the split seed.
+  import json
+
+  path = tmp_path / 'run' / 'config.json'
+  values = json.loads(path.read_text())
+  del values['data']['split_seed']
+  values['data']['seed'] = 5
+  path.write_text(json.dumps(values))
+  with pytest.raises(UserError, match='data.split_seed 5 -> 0'):
+    train.check_resume_config(_changed(config, data__seed=5), workdir)
+  train.check_resume_config(_changed(config, data__seed=5, data__split_seed=5), workdir)

@@ -78,7 +78,7 @@ from absl import logging
 from array_record.python import array_record_module
 from PIL import Image
 
-from ms_cxr import cli
+from ms_cxr import cli, config_lib
 from ms_cxr.data import datasets, images
 from ms_cxr.data.records import Box, Record
 from ms_cxr.errors import UserError
@@ -270,7 +270,8 @@ def check_config(
   Raises:
     ValueError: naming the manifest and each field that differs, with both values.
   """
-  prepared = manifest.get('data_config') or {}
+  # A manifest written before data.split_seed existed: its data.seed chose the split.
+  prepared = config_lib.upgrade_written({'data': manifest.get('data_config') or {}})['data']
   current = json.loads(json.dumps(data_config.to_dict()))  # tuples as lists, as in the manifest
   fields = [*RECORD_FIELDS, current.get('dataset')]
   differ = [
@@ -506,6 +507,10 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           continue
         yield key, _example(record, png)
         key += 1
+    if not key:
+      raise ValueError(
+        f'none of the {len(records)} {split} images could be read, e.g. {next(iter(skipped.values()))}'
+      )
 
 
 @contextlib.contextmanager
