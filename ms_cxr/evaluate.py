@@ -482,6 +482,11 @@ def _write_report(config, workdir, out_dir, records, probs, targets, result, map
     raise UserError(f'cannot write the report to {out_dir!r}: {e.strerror}') from None
   try:
     _write_report_files(config, workdir, partial, records, probs, targets, result, maps)
+    # `compare` writes its DeLong tables into A's report folder: results of their own, kept (rerun compare to
+    # bring them up to date with this evaluation).
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else ():
+      if name.startswith('delong_'):
+        shutil.copy2(os.path.join(out_dir, name), os.path.join(partial, name))
     old = out_dir + '.old'
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(out_dir):

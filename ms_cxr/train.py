@@ -344,8 +344,9 @@ def train_step(
           attention_losses.transform_maps(m[:batch_size], attention.transform, transform),
           attention_losses.frame_mask(m[:batch_size], attention.transform, transform),
         )
-        # c_count depends on shapes only (and, for transforms that leave the frame, on this micro-batch's draws):
-        # its global sum is this count times the replicas and micro-batches.
+        # c_count depends on shapes only: its global sum is this count times the replicas and micro-batches. For
+        # transforms that leave the frame it also depends on this micro-batch's draws, and with several
+        # micro-batches each is then normalised by its own count (a mean of per-micro-batch means).
         denominator = lax.psum(c_count, axis_name) * num_chunks * len(maps)
         total += attention.consistency_weight * c_sum / denominator
     return total * size_weight, updates['batch_stats']

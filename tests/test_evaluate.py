@@ -165,8 +165,12 @@ def test_report_folder_names_the_checkpoint_and_is_replaced_whole(untrained_work
   stale = os.path.join(report, 'per_size.md')
   with open(stale, 'w') as f:
     f.write('an earlier evaluation\n')
+  comparison = os.path.join(report, 'delong_copy_vs_other.md')
+  with open(comparison, 'w') as f:
+    f.write('a comparison\n')
   evaluate.evaluate(config, workdir)
   assert not os.path.exists(stale)
+  assert open(comparison).read() == 'a comparison\n'  # compare's own results are kept
   folders = os.listdir(os.path.join(workdir, 'eval'))
   assert 'test_step1' in folders and not [f for f in folders if f.endswith(('.partial', '.old'))]
 

@@ -25,7 +25,8 @@ its shards; the Grain pipeline shuffles by itself.
 
 Everything is built in OUT/.partial/ and moved into place once complete, the manifest last, so a previous
 preparation in OUT (replaced only with `--overwrite`) survives any failure of the new one, and a run that was
-killed leaves no manifest, only files that the next run replaces without being asked. An image that cannot be read
+killed leaves no manifest (killed during the final moves, not the earlier preparation either: never a mix of
+two), only files that the next run replaces without being asked. An image that cannot be read
 stops the preparation, or with `data.skip_bad` is left out of its split and named in the manifest.
 
 Layout of OUT:
