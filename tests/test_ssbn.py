@@ -293,3 +293,34 @@ def test_init_from_a_workdir_of_which_nothing_fits_is_an_error(tmp_path, monkeyp
   target = {'params': {'conv0': {'kernel': np.zeros((7, 7, 1, 16))}}}
   with pytest.raises(UserError, match='none of its variables fits this model'):
     train.initialize_from(str(tmp_path), target)
+
+
+def test_a_run_saved_with_one_adam_count_resumes_with_counts_per_parameter(tmp_path, monkeypatch):
+  """A checkpoint whose Adam state has one step count (saved before the counts were per parameter) resumes:
+  every parameter's count starts from the saved one, the moments are kept, and training goes on."""
+  from configs import ssbn as ssbn_config
+  from ms_cxr import checkpointing
+
+  config = ssbn_config.get_config('smoke')
+  config.train.num_steps = 3
+  config.train.eval_every_steps = 0
+  config.ckpt.async_save = False
+  workdir = str(tmp_path / 'run')
+  shared_count = lambda c: train.create_optimizer(  # noqa: E731
+    c.optim, train.create_learning_rate_schedule(c.optim, c.train.num_steps), count_per_leaf=False
+  )
+  with monkeypatch.context() as patch:
+    patch.setattr(train, 'config_optimizer', shared_count)
+    train.train_and_evaluate(config, workdir)
+  saved = checkpointing.load_variables(workdir)
+
+  config.train.num_steps = 5
+  state = train.train_and_evaluate(config, workdir)
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+  (adam,) = [
+    s for s in jax.tree.leaves(jax.device_get(state.opt_state), is_leaf=is_adam) if is_adam(s)
+  ]
+  # Steps 4 and 5 ran round robin at two of the three sizes; the shared weights counted both.
+  assert int(adam.count['conv0']['kernel']) == 5
+  assert sorted(int(c) for c in jax.tree.leaves(adam.count['norm0'])) == [3, 3, 4, 4, 4, 4]
+  assert not np.array_equal(saved['params']['conv0']['kernel'], state.params['conv0']['kernel'])

@@ -166,6 +166,26 @@ def scale_by_adam_per_leaf(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def counts_per_leaf(old_opt_state: PyTree, template: PyTree) -> PyTree:
+  """An optimizer state with Adam's one step count (`optax.scale_by_adam`) in the layout of `template`, which has
+  `scale_by_adam_per_leaf`'s counts: every leaf's count starts from the shared one (how the run so far was
+  corrected), the moments are kept. For resuming a run saved before the counts were per parameter."""
+
+  def is_adam(node):
+    return isinstance(node, optax.ScaleByAdamState)
+
+  def convert(new, old):
+    if is_adam(new) and is_adam(old) and jnp.ndim(old.count) == 0 and isinstance(new.count, dict):
+      # A fresh buffer per leaf: leaves sharing one would be freed twice when the train step donates the state.
+      count = np.asarray(old.count)
+      return optax.ScaleByAdamState(
+        count=jax.tree.map(lambda _: jnp.array(count, copy=True), new.count), mu=old.mu, nu=old.nu
+      )
+    return old
+
+  return jax.tree.map(convert, template, old_opt_state, is_leaf=is_adam)
+
+
 def _branch_size(key: str) -> int | None:
   match = _BRANCH.match(key)
   return int(match.group(1)) if match else None
