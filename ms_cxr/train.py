@@ -837,33 +837,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   replicated = jax.sharding.NamedSharding(dp.mesh, jax.sharding.PartitionSpec())
   if resuming:
     manager, step = ckpt.resolve_step('latest')
-    try:
+
+    def restore(template: TrainState) -> TrainState:
       restored, _ = ckpt.restore(
         manager,
         step,
-        checkpointing.abstract_like(state, replicated),
+        checkpointing.abstract_like(template, replicated),
         checkpointing.checkpoint_meta(config),
         data_iter=train_iter,
       )
+      return restored
+
+    try:
+      restored = restore(state)
     except UserError:
       if config.model.norm != 'ssbn':
         raise
       # Saved before Adam's step counts were per parameter (one count for all): restored in that layout, each
       # parameter's count then starts from the shared one.
       shared = create_optimizer(config.optim, schedule, count_per_leaf=False)
-      old = state.replace(tx=shared, opt_state=shared.init(state.params))
-      restored, _ = ckpt.restore(
-        manager,
-        step,
-        checkpointing.abstract_like(old, replicated),
-        checkpointing.checkpoint_meta(config),
-        data_iter=train_iter,
-      )
-      restored = state.replace(
-        step=restored.step,
-        params=restored.params,
-        batch_stats=restored.batch_stats,
-        opt_state=ssbn.counts_per_leaf(restored.opt_state, state.opt_state),
+      restored = restore(state.replace(tx=shared, opt_state=shared.init(state.params)))
+      restored = restored.replace(
+        tx=state.tx, opt_state=ssbn.counts_per_leaf(restored.opt_state, state.opt_state)
       )
       writer.log(
         'Adam step counts of the checkpoint (one for all parameters) now kept per parameter'
