@@ -3,7 +3,7 @@ r"""Throughput and memory of the train step, the eval step and the input pipelin
   python -m ms_cxr.benchmark --what=train|eval|input [--config=configs/FILE.py[:ARGS]] \
     [--config.SECTION.FIELD=VALUE ...] [--sizes=224,448] [--batch=8] [--dtype=float32|bfloat16] \
     [--remat=false|true] [--steps=N] [--warmup=N] [--repeats=R] [--num_devices=1] \
-    [--torch | --reference=torchvision] [--channels_last]
+    [--torch | --reference=torchvision] [--channels_last] [--peak_tflops=T]
   python -m ms_cxr.benchmark --what=input [--sizes=224,448,896] [--workers=0,1,2] [--data_root=DIR] \
     [--native_px=1024] [--max_images=32] [--stall_timeout_s=600]
 
@@ -20,6 +20,12 @@ setting: compile (timed alone: `compile_time_s`), `--warmup` steps (default 2; t
 is kept in `images_per_sec_repeats`), `step_time_ms` likewise; `loss` is the last train step's. Every line also
 gives `cpu_ms_per_image` (CPU time of the timed windows per image: this process, plus its worker processes for
 input) and `cpu_utilisation` (CPU seconds per wall second), which tell a busy shared machine from a slow step.
+
+Model FLOPs (train, eval): `model_flops_per_image` counts 2 x the multiply-adds of the model's products and
+convolutions from its jaxpr, 3 forward passes for a train step and one per test-time view (`eval.tta`) for an
+eval step (ms_cxr/flops.py); `model_tflops_per_sec` is that times the median images/s, and `mfu` that over the
+devices' peak, `peak_tflops_per_device`: `--peak_tflops`, else the vendor's dense figure for a known GPU or TPU in
+the step's dtype (float32 on NVIDIA GPUs: TF32), else null (CPUs).
 
 input: the host work of training's input pipeline, `pipeline.train_dataset` (decode, resize to the step's size,
 augmentation: `_LoadTrainBatch`) with `data.num_workers` = each of `--workers`, at each size in `--sizes` (default
@@ -62,9 +68,14 @@ of torchvision's DenseNet (same blocks as the configured preset, same batch, siz
 BCE with logits, `model.remat` as `memory_efficient`; `--channels_last` for the NHWC memory format) runs with
 `torch.set_num_threads` set to XLA's thread count, its repeats alternating with the JAX step's (each repeat after
 one untimed step, as the other framework ran last and took the host memory), and a final line per size gives
-`jax_over_torch`, the ratio of the median images/s. Without torch a one-line note on stderr says how to
-install it, and the JAX figures are printed alone. Both run in one process, so each one's host memory figures
-include what the other holds. See ms_cxr/benchmark_torch.py.
+`jax_over_torch`, the ratio of the median images/s, and both utilisations (torch's model FLOPs from its FLOP
+counter). On a GPU torch runs with cuDNN's autotuner and the fused optimizer, and JAX without preallocating
+most of the GPU's memory (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set). Without torch a one-line note on
+stderr says how to install it, and the JAX figures are printed alone. Both run in one process, so each one's
+host memory figures include what the other holds. See ms_cxr/benchmark_torch.py.
+
+`--table=FILE` prints the train and eval lines of FILE (this command's output, one or several runs) as a Markdown
+table, one row per JAX setting with the torch reference beside it, and exits.
 
 Bad flags or values end with one line on stderr and exit status 2.
 """
@@ -75,6 +86,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -151,6 +163,8 @@ class Options:
     reference: '' or 'torchvision' (train and eval): time torchvision's step alongside.
     channels_last: the torchvision reference runs in the channels-last memory format.
     stall_timeout_s: input only: exit with status 3 when no batch arrives for this long (a stuck pipeline).
+    peak_tflops: train and eval: one device's peak TFLOP/s for the model FLOP utilisation; None = the
+      vendor's figure for known accelerators (`flops.PEAK_TFLOPS`), none for CPUs.
   """
 
   what: str = 'train'
@@ -169,6 +183,7 @@ class Options:
   reference: str = ''
   channels_last: bool = False
   stall_timeout_s: float = 600.0
+  peak_tflops: float | None = None
 
 
 # (steps, warmup) when not given. Input batches arrive in bursts (Grain's reader threads finish batches side by
@@ -202,6 +217,8 @@ def validate(options: Options) -> None:
     raise UserError(f'--warmup={options.warmup} must be 0 or more')
   if options.num_devices < 0:
     raise UserError(f'--num_devices={options.num_devices} must be 0 (all) or more')
+  if options.peak_tflops is not None and not options.peak_tflops > 0:
+    raise UserError(f'--peak_tflops={options.peak_tflops} must be positive')
   if options.dtype is not None and options.dtype not in DTYPES:
     raise UserError(f'--dtype={options.dtype!r}; expected one of {DTYPES}')
   if options.reference and options.reference not in REFERENCES:
@@ -441,6 +458,28 @@ def _timing(
   }
 
 
+def _utilisation(
+  flops_per_image: int | None, images_per_sec: float, peak_tflops: float | None, device_count: int
+) -> Record:
+  """Model FLOPs per image, the model TFLOP/s they make at `images_per_sec`, and the model FLOP utilisation
+  against `device_count` devices of `peak_tflops` each (None without a peak; see ms_cxr/flops.py)."""
+  from ms_cxr import flops
+
+  if flops_per_image is None:
+    return {
+      'model_flops_per_image': None,
+      'model_tflops_per_sec': None,
+      'peak_tflops_per_device': peak_tflops,
+      'mfu': None,
+    }
+  return {
+    'model_flops_per_image': flops_per_image,
+    'model_tflops_per_sec': flops_per_image * images_per_sec / 1e12,
+    'peak_tflops_per_device': peak_tflops,
+    'mfu': flops.mfu(flops_per_image, images_per_sec, peak_tflops, device_count),
+  }
+
+
 def _stamp() -> Record:
   return {
     'load_average_end': list(os.getloadavg()),
@@ -493,7 +532,7 @@ class JaxStep:
   def __init__(self, config: ml_collections.ConfigDict, what: str, size: int, dp: Any):
     import jax
 
-    from ms_cxr import losses, models, parallel, train
+    from ms_cxr import flops, losses, models, parallel, train
     from ms_cxr.data import pipeline
 
     self.what = what
@@ -506,6 +545,14 @@ class JaxStep:
       config, model, train.config_optimizer(config), load_init_from=False
     )
     self.num_params = train.count_params(state.params)
+    views = 1 if what == 'train' else 1 + len(train.tta_views(config))
+    self.flops_per_image = flops.model_flops_per_image(
+      model,
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      size,
+      what=what,
+      views=views,
+    )
     rng = np.random.default_rng([config.train.seed, size])
     images = rng.integers(0, 256, (self.batch_size, size, size, 1), dtype=np.uint8)
     batch = {pipeline.image_key(size): images}
@@ -521,7 +568,9 @@ class JaxStep:
     else:
       batch['index'] = np.arange(self.batch_size, dtype=np.int32)
       batch['valid'] = np.ones(self.batch_size, np.bool_)
-      step = dp.compile(train.eval_step, sharded_output=True)
+      step = dp.compile(
+        functools.partial(train.eval_step, tta=train.tta_views(config)), sharded_output=True
+      )
     self.state = dp.replicate(state)
     self.batch = dp.shard_batch(batch)
     jax.block_until_ready((self.state, self.batch))
@@ -568,7 +617,7 @@ def _torch_reference(options: Options) -> Any:
 
 
 def _step_benchmark(config: ml_collections.ConfigDict, options: Options, emit: Emit) -> None:
-  from ms_cxr import parallel, train
+  from ms_cxr import flops, parallel, train
 
   try:
     dp = parallel.DataParallel.create(config.parallel.api, options.num_devices)
@@ -585,6 +634,7 @@ def _step_benchmark(config: ml_collections.ConfigDict, options: Options, emit: E
       torch_module = None
   devices = list(dp.mesh.devices.flat)
   env = environment(devices)
+  peak = options.peak_tflops or flops.peak_tflops(devices[0].device_kind, config.model.dtype)
   ratios = []
   for size in sizes:
     load_start = list(os.getloadavg())
@@ -623,6 +673,7 @@ def _step_benchmark(config: ml_collections.ConfigDict, options: Options, emit: E
           start = _cpu_seconds()
           reference_seconds.append(reference.run(options.steps))
           reference_cpu.append(_cpu_seconds() - start)
+    timing = _timing(options.batch, seconds, options.steps, cpu)
     record = {
       'what': options.what,
       'framework': 'jax',
@@ -633,11 +684,15 @@ def _step_benchmark(config: ml_collections.ConfigDict, options: Options, emit: E
       'batch': options.batch,
       'dtype': config.model.dtype,
       'remat': bool(config.model.remat),
+      # The convolutions' formulations (ms_cxr/models/densenet.py): matrix products or XLA's convolutions.
+      'pointwise_matmul': bool(config.model.get('pointwise_matmul', True)),
+      'kernel_grad_matmul': bool(config.model.get('kernel_grad_matmul', True)),
       'parallel_api': config.parallel.api,
       'steps': options.steps,
       'warmup': options.warmup,
       'repeats': options.repeats,
-      **_timing(options.batch, seconds, options.steps, cpu),
+      **timing,
+      **_utilisation(runner.flops_per_image, timing['images_per_sec'], peak, len(devices)),
       'compile_time_s': compile_s,
       'first_step_s': first_step_s,
       'loss': runner.last_loss(),
@@ -651,18 +706,27 @@ def _step_benchmark(config: ml_collections.ConfigDict, options: Options, emit: E
     emit(record)
     del runner
     if reference is not None:
+      reference_timing = _timing(options.batch, reference_seconds, options.steps, reference_cpu)
       reference_record = {
         **record,
         'framework': 'torch',
         'model': reference.model_name,
         'num_params': reference.num_params,
         'parallel_api': None,
-        **_timing(options.batch, reference_seconds, options.steps, reference_cpu),
+        'pointwise_matmul': None,
+        'kernel_grad_matmul': None,
+        **reference_timing,
+        **_utilisation(
+          reference.flops_per_image,
+          reference_timing['images_per_sec'],
+          options.peak_tflops or flops.peak_tflops(reference.device_kind, config.model.dtype),
+          1,
+        ),
         'compile_time_s': None,  # eager: nothing is compiled; the first step is `first_step_s`
         'first_step_s': reference_first_s,
         'loss': reference.last_loss(),
         **reference_memory.figures(),
-        **{k: None for k in _device_memory(None)},
+        **reference.device_memory(),
         **{k: None for k in _xla_memory(None)},
         'device_kind': reference.device_kind,
         'device_count': 1,
@@ -687,6 +751,8 @@ def _step_benchmark(config: ml_collections.ConfigDict, options: Options, emit: E
           'jax_images_per_sec': record['images_per_sec'],
           'torch_images_per_sec': reference_record['images_per_sec'],
           'jax_over_torch': record['images_per_sec'] / reference_record['images_per_sec'],
+          'jax_mfu': record['mfu'],
+          'torch_mfu': reference_record['mfu'],
           'threads': reference_record['threads'],
           'timestamp': reference_record['timestamp'],
         }
@@ -970,6 +1036,94 @@ class _Watchdog:
 
 
 # --------------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------------
+
+
+def _figure(value: float | None, spec: str) -> str:
+  return '-' if value is None else format(value, spec)
+
+
+def _convolutions(record: Record) -> str:
+  """'products', 'XLA' or which of the two formulations a record's model used."""
+  pointwise = record.get('pointwise_matmul', True)
+  kernel_grad = record.get('kernel_grad_matmul', True)
+  if pointwise and kernel_grad:
+    return 'products'
+  if not pointwise and not kernel_grad:
+    return 'XLA'
+  return 'products: 1x1' if pointwise else 'products: 3x3 and stem gradients'
+
+
+def markdown_table(records: Sequence[Record]) -> str:
+  """A Markdown table of train/eval records: one row per JAX setting, with the torch reference's images/s,
+  utilisation and the ratio where the records hold them (the lines of one or several benchmark runs)."""
+
+  def key(record: Record) -> tuple:
+    return (record['what'], record['size'], record['batch'], record['dtype'], record['remat'])
+
+  # Each JAX line with the torch line that follows it in the output (its reference, timed alongside).
+  settings: list[tuple[Record, Record | None]] = []
+  for r in records:
+    if r.get('framework') == 'jax':
+      settings.append((r, None))
+    elif r.get('framework') == 'torch' and settings and key(settings[-1][0]) == key(r):
+      settings[-1] = (settings[-1][0], r)
+  rows = [
+    '| what | model | device | size | batch | dtype | remat | convolutions | images/s | model TFLOP/s | MFU '
+    '| torch images/s | torch MFU | JAX / torch | XLA peak GB | compile s |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+  ]
+  for r, torch in settings:
+    model = (
+      r['model'] if r.get('norm', 'batchnorm') == 'batchnorm' else f'{r["model"]} ({r["norm"]})'
+    )
+    peak = r.get('xla_peak_bytes')
+    cells = [
+      r['what'],
+      model,
+      f'{r.get("device_count") or 1} x {r.get("device_kind")}',
+      str(r['size']),
+      str(r['batch']),
+      r['dtype'],
+      'yes' if r['remat'] else 'no',
+      _convolutions(r),
+      _figure(r['images_per_sec'], '.1f'),
+      _figure(r.get('model_tflops_per_sec'), '.3g'),
+      _figure(r.get('mfu'), '.1%'),
+      _figure(torch and torch['images_per_sec'], '.1f'),
+      _figure(torch and torch.get('mfu'), '.1%'),
+      _figure(torch and r['images_per_sec'] / torch['images_per_sec'], '.2f'),
+      _figure(peak and peak / 1e9, '.2f'),
+      _figure(r.get('compile_time_s'), '.0f'),
+    ]
+    rows.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(rows)
+
+
+def read_records(path: str) -> list[Record]:
+  """The JSON lines of `path` (benchmark output); UserError naming the line that is not a JSON object."""
+  records = []
+  try:
+    with open(path, encoding='utf-8') as f:
+      for number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise UserError(
+            f'{path} line {number}: not a JSON line of the benchmark ({e.msg})'
+          ) from None
+        if not isinstance(record, dict) or 'what' not in record:
+          raise UserError(f'{path} line {number}: not a benchmark record (no "what" field)')
+        records.append(record)
+  except OSError as e:
+    raise UserError(f'--table={path}: {e.strerror}') from None
+  return records
+
+
+# --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
 
@@ -1015,6 +1169,17 @@ def _define_flags() -> None:
   )
   flags.DEFINE_enum('reference', None, REFERENCES, 'A reference implementation to time alongside.')
   flags.DEFINE_bool('channels_last', False, 'The torch reference uses the channels-last format.')
+  flags.DEFINE_string(
+    'table',
+    None,
+    'Print a Markdown table of the train/eval lines in this file (earlier output of this command) and exit.',
+  )
+  flags.DEFINE_float(
+    'peak_tflops',
+    None,
+    "One device's peak TFLOP/s for the model FLOP utilisation (mfu); default: the vendor's figure for known "
+    'GPUs and TPUs (ms_cxr/flops.py), none for CPUs.',
+  )
   flags.DEFINE_float(
     'stall_timeout_s', 600.0, 'input: exit (status 3) when no batch arrives for this many seconds.'
   )
@@ -1047,6 +1212,7 @@ def options_from_flags(flag_values: Any) -> Options:
     reference='torchvision' if flag_values.torch else (flag_values.reference or ''),
     channels_last=flag_values.channels_last,
     stall_timeout_s=flag_values.stall_timeout_s,
+    peak_tflops=flag_values.peak_tflops,
   )
 
 
@@ -1063,7 +1229,14 @@ def main(argv: Sequence[str]) -> None:
       if config is None:
         raise UserError('--config is required (configs/densenet.py was not found)')
       config.data  # noqa: B018 -- a config file that failed to load raises here
-    run(config, options_from_flags(flags.FLAGS))
+    if flags.FLAGS.table:
+      print(markdown_table(read_records(flags.FLAGS.table)))
+      return
+    options = options_from_flags(flags.FLAGS)
+    if options.reference:
+      # On a GPU, JAX would otherwise take 75% of its memory at start-up and leave torch the rest.
+      os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+    run(config, options)
 
 
 if __name__ == '__main__':

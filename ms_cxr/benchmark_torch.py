@@ -6,8 +6,11 @@ preset (densenet121 is torchvision's densenet121), the same batch of random uint
 ImageNet-normalised 3-channel input inside the step, the same number of labels, `BCEWithLogitsLoss`, the configured
 optimizer (adam, adamw or sgd with its learning rate, betas, momentum and weight decay; no gradient clipping) and
 `model.remat` as torchvision's `memory_efficient` (checkpointed dense layers). bfloat16 runs under
-`torch.autocast`. The model runs on CUDA when JAX runs on a GPU and torch sees one, else on the CPU with
-`torch.set_num_threads` set to XLA's thread count.
+`torch.autocast`. The model runs on CUDA when JAX runs on a GPU and torch sees one (cuDNN's autotuner on, the
+optimizer's fused CUDA kernel: torch at its best in eager mode), else on the CPU with `torch.set_num_threads` set
+to XLA's thread count. Its model FLOPs are counted by `torch.utils.flop_counter` (2 x the multiply-adds of the
+convolutions and matrix products of one forward pass; x 3 for a train step), as ms_cxr/flops.py counts the JAX
+model's; torchvision's transitions pool after their 1x1 convolution, so its count is the larger.
 """
 
 from __future__ import annotations
@@ -73,7 +76,10 @@ class TorchStep:
     use_cuda = jax.default_backend() == 'gpu' and torch.cuda.is_available()
     self.device = torch.device('cuda' if use_cuda else 'cpu')
     self.device_kind = torch.cuda.get_device_name(0) if use_cuda else 'cpu'
-    if not use_cuda:
+    if use_cuda:
+      torch.backends.cudnn.benchmark = True  # the fastest convolution algorithms for these shapes
+      torch.cuda.reset_peak_memory_stats()
+    else:
       torch.set_num_threads(num_threads)
     self.num_threads = torch.get_num_threads()
     torch.manual_seed(config.train.seed)
@@ -103,12 +109,42 @@ class TorchStep:
     self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
     self.autocast_dtype = torch.bfloat16 if config.model.dtype == 'bfloat16' else None
     self.loss_fn = torch.nn.BCEWithLogitsLoss()
-    self.optimizer = _optimizer(torch, config.optim, self.model.parameters())
+    self.optimizer = _optimizer(torch, config.optim, self.model.parameters(), fused=use_cuda)
+    self.flops_per_image = self._forward_flops(size) * (3 if what == 'train' else 1)
     self.loss = None
     if what == 'train':
       self.model.train()
     else:
       self.model.eval()
+
+  def _forward_flops(self, size: int) -> int:
+    """FLOPs of one image's forward pass (inference mode), by torch's FLOP counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image = torch.zeros((1, 3, size, size), device=self.device).contiguous(
+      memory_format=self.memory_format
+    )
+    self.model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+      self.model(image)
+    return int(counter.get_total_flops())
+
+  def device_memory(self) -> dict[str, int | None]:
+    """`device_*` memory figures of the benchmark's records: torch's CUDA allocator (None on the CPU)."""
+    import torch
+
+    if self.device.type != 'cuda':
+      return {
+        'device_peak_bytes_in_use': None,
+        'device_bytes_in_use': None,
+        'device_bytes_limit': None,
+      }
+    return {
+      'device_peak_bytes_in_use': int(torch.cuda.max_memory_allocated()),
+      'device_bytes_in_use': int(torch.cuda.memory_allocated()),
+      'device_bytes_limit': int(torch.cuda.get_device_properties(0).total_memory),
+    }
 
   def _inputs(self) -> Any:
     x = self.images.float().div(255.0).expand(-1, 3, -1, -1)
@@ -148,12 +184,14 @@ class TorchStep:
     return None if self.loss is None else float(self.loss)
 
 
-def _optimizer(torch: Any, optim: ml_collections.ConfigDict, params: Any) -> Any:
-  """The configured optimizer at its base learning rate (a schedule changes the values, not the cost)."""
+def _optimizer(torch: Any, optim: ml_collections.ConfigDict, params: Any, *, fused: bool) -> Any:
+  """The configured optimizer at its base learning rate (a schedule changes the values, not the cost); `fused`:
+  Adam's and AdamW's one-kernel CUDA implementation."""
   lr = optim.learning_rate
+  kwargs = {'fused': True} if fused else {}
   if optim.name == 'adamw':
     return torch.optim.AdamW(
-      params, lr=lr, betas=(optim.b1, optim.b2), weight_decay=optim.weight_decay
+      params, lr=lr, betas=(optim.b1, optim.b2), weight_decay=optim.weight_decay, **kwargs
     )
   if optim.name == 'sgd':
     return torch.optim.SGD(
@@ -165,5 +203,5 @@ def _optimizer(torch: Any, optim: ml_collections.ConfigDict, params: Any) -> Any
     )
   # adam: classic L2 added to the gradient, as the project's adam.
   return torch.optim.Adam(
-    params, lr=lr, betas=(optim.b1, optim.b2), weight_decay=optim.weight_decay
+    params, lr=lr, betas=(optim.b1, optim.b2), weight_decay=optim.weight_decay, **kwargs
   )

@@ -27,7 +27,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ms_cxr import cli, distributed, evaluate, models, train
+from ms_cxr import cli, distributed, evaluate, flops, models, train
 from ms_cxr.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -59,7 +59,8 @@ PREEMPTED_MARKER_ENV = train.PREEMPTED_MARKER_ENV
 
 
 def summary(config) -> None:
-  """Prints the parameter count (`params: N`) and each variable collection's size, without training.
+  """Prints the parameter count (`params: N`), each variable collection's size and the model FLOPs of one
+  image's forward pass at each size (ms_cxr/flops.py), without training.
 
   With `--config.eval.ensemble_workdirs`, counts every member (from its config.json) and prints the total.
   """
@@ -80,6 +81,9 @@ def summary(config) -> None:
       f'model: {member.model.name} ({member.model.norm}), {len(member.data.labels)} labels, '
       f'sizes {sizes} px: {counts["params"]:,} params'
     )
+    for size in member.data.sizes:
+      gflop = flops.forward_flops(model, variables, size) / 1e9
+      print(f'forward at {size} px: {gflop:.2f} GFLOP per image (a train step: 3x)')
     for name, count in counts.items():
       totals[name] = totals.get(name, 0) + count
   if len(configs) > 1:

@@ -77,3 +77,24 @@ def run_module(module: str, *args: str, timeout: float = 600, env: dict | None =
     timeout=timeout,
     env={**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})},
   )
+
+
+def densenet_flops(preset, size_px, num_labels, *, pool_first=True):
+  """2 x the multiply-adds of a DenseNet's convolutions and classifier, from its preset: the stem (7x7 stride 2
+  on 3 channels), each dense layer's 1x1 bottleneck and 3x3 convolution, each transition's 1x1 convolution at
+  the pooled (`pool_first`, this project) or the block's resolution (torchvision)."""
+  growth, bn = preset['growth_rate'], preset['bn_size']
+  side = -(-size_px // 2)  # stem output: 7x7 stride 2 padding 3
+  macs = side * side * 7 * 7 * 3 * preset['num_init_features']
+  side = -(-side // 2)  # max-pool 3x3 stride 2 padding 1
+  channels = preset['num_init_features']
+  for block, layers in enumerate(preset['block_sizes']):
+    for _ in range(layers):
+      macs += side * side * (channels * bn * growth + 9 * bn * growth * growth)
+      channels += growth
+    if block < len(preset['block_sizes']) - 1:
+      out = channels // 2
+      pooled = side // 2
+      macs += (pooled * pooled if pool_first else side * side) * channels * out
+      channels, side = out, pooled
+  return 2 * (macs + channels * num_labels)

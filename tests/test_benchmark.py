@@ -14,11 +14,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, SHARED_DATA, run_module
+from conftest import REPO, SHARED_DATA, densenet_flops, run_module
 from PIL import Image
 
 from ms_cxr import benchmark, hugepages
 from ms_cxr.errors import UserError
+from ms_cxr.models import densenet
 
 TINY = ('--config.model.name=densenet_tiny', '--sizes=32', '--batch=4', '--steps=2', '--warmup=1')
 STEP_KEYS = {
@@ -39,6 +40,10 @@ STEP_KEYS = {
   'cpu_ms_per_image',
   'cpu_ms_per_image_repeats',
   'cpu_utilisation',
+  'model_flops_per_image',
+  'model_tflops_per_sec',
+  'peak_tflops_per_device',
+  'mfu',
   'compile_time_s',
   'first_step_s',
   'host_rss_peak_bytes',
@@ -121,7 +126,7 @@ def _check_environment(record):
 
 
 def test_train_prints_one_json_line_per_size_with_the_settings_echoed():
-  result = _benchmark(*TINY, '--repeats=3', '--torch')
+  result = _benchmark(*TINY, '--repeats=3', '--torch', '--peak_tflops=0.5')
   assert result.returncode == 0, result.stderr[-3000:]
   lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
   record = lines[0]
@@ -134,10 +139,18 @@ def test_train_prints_one_json_line_per_size_with_the_settings_echoed():
     False,
   )
   assert (record['steps'], record['warmup'], record['repeats']) == (2, 1, 3)
-  assert record['num_params'] == 8900  # densenet_tiny with 14 synthetic-set labels
+  assert record['num_params'] == 8900  # densenet_tiny with the synthetic set's 7 labels
   _check_timing(record, 3)
   assert record['compile_time_s'] > 0 and record['first_step_s'] > 0
   assert math.isfinite(record['loss']) and record['loss'] > 0
+  # Model FLOPs of a train step: 3 forward passes; the utilisation against the given peak.
+  tiny = densenet.PRESETS['densenet_tiny']
+  assert record['model_flops_per_image'] == 3 * densenet_flops(tiny, 32, 7)
+  assert record['model_tflops_per_sec'] == pytest.approx(
+    record['model_flops_per_image'] * record['images_per_sec'] / 1e12
+  )
+  assert record['peak_tflops_per_device'] == 0.5
+  assert record['mfu'] == pytest.approx(record['model_tflops_per_sec'] / 0.5)
   # One device by default, CPU: no device memory statistics, but XLA's analysis of the compiled step.
   assert (record['platform'], record['device_count']) == ('cpu', 1)
   assert record['device_peak_bytes_in_use'] is None
@@ -164,6 +177,10 @@ def test_train_prints_one_json_line_per_size_with_the_settings_echoed():
     ]
     _check_timing(lines[1], 3)
     assert lines[1]['num_params'] == 8900  # the same blocks in torchvision's DenseNet
+    # torch's FLOP counter: torchvision's transitions convolve before they pool.
+    assert lines[1]['model_flops_per_image'] == 3 * densenet_flops(tiny, 32, 7, pool_first=False)
+    assert lines[1]['mfu'] == pytest.approx(lines[1]['model_tflops_per_sec'] / 0.5)
+    assert (lines[2]['jax_mfu'], lines[2]['torch_mfu']) == (record['mfu'], lines[1]['mfu'])
     assert lines[2]['jax_over_torch'] == pytest.approx(
       record['images_per_sec'] / lines[1]['images_per_sec']
     )
@@ -182,6 +199,9 @@ def test_eval_on_two_devices_in_process():
   assert (record['device_count'], record['devices_available']) == (2, jax.device_count())
   _check_timing(record, 3)
   assert record['xla_alias_bytes'] == 0  # the eval step donates nothing
+  # One forward pass per image; no peak rate is known for a CPU, so no utilisation.
+  assert record['model_flops_per_image'] == densenet_flops(densenet.PRESETS['densenet_tiny'], 32, 7)
+  assert (record['peak_tflops_per_device'], record['mfu']) == (None, None)
   assert json.loads(json.dumps(record)) == record  # plain JSON values
 
 
@@ -193,6 +213,18 @@ def test_dtype_and_remat_flags_reach_the_model():
   assert (record['dtype'], record['remat'], record['model']) == ('bfloat16', True, 'densenet_tiny')
   assert (record['steps'], record['warmup'], record['repeats']) == (1, 0, 1)
   assert record['images_per_sec'] > 0 and record['xla_temp_bytes'] > 0
+
+
+def test_eval_runs_the_configured_test_time_views_and_counts_their_flops():
+  config = _tiny_config()
+  config.eval.tta = ('hflip', 'zoom')
+  options = benchmark.Options(what='eval', sizes=(32,), batch=4, steps=1, warmup=0, repeats=1)
+  (record,) = benchmark.run(config, options, emit=lambda r: None)
+  tiny = densenet.PRESETS['densenet_tiny']
+  assert record['model_flops_per_image'] == 3 * densenet_flops(tiny, 32, 7)
+  config.eval.tta = ('flip',)
+  with pytest.raises(UserError, match='config.eval.tta'):
+    benchmark.run(config, options, emit=lambda r: None)
 
 
 def test_configure_keeps_each_sizes_accumulation_and_adds_new_sizes():
@@ -296,6 +328,7 @@ def test_input_on_a_plain_folder_of_images(tmp_path):
     (('--sizes=-8',), 'error: --sizes has [-8]; every size must be a positive number of pixels'),
     (('--sizes=big',), 'error: --sizes=big must be a comma-separated list of integers'),
     (('--batch=0',), 'error: --batch=0 must be positive'),
+    (('--peak_tflops=0',), 'error: --peak_tflops=0.0 must be positive'),
     (
       ('--what=input', '--torch'),
       'error: --torch / --reference apply to --what=train or --what=eval, not input',
@@ -354,3 +387,60 @@ def test_torch_reference_covers_plain_densenets_only():
     "config.model.norm='ssbn': torchvision has plain BatchNorm only"
   )
   assert benchmark_torch.unsupported(msanet.get_config()).endswith('has no torchvision counterpart')
+
+
+def _step_record(framework, images_per_sec, **fields):
+  record = {
+    'what': 'train',
+    'framework': framework,
+    'model': 'densenet121' if framework == 'jax' else 'torchvision.models.DenseNet(densenet121)',
+    'norm': 'batchnorm',
+    'device_kind': 'NVIDIA H200',
+    'device_count': 1,
+    'size': 448,
+    'batch': 32,
+    'dtype': 'bfloat16',
+    'remat': False,
+    'images_per_sec': images_per_sec,
+    'model_tflops_per_sec': 62.45,
+    'mfu': 0.0631,
+    'xla_peak_bytes': 12.5e9 if framework == 'jax' else None,
+    'compile_time_s': 41.2 if framework == 'jax' else None,
+  }
+  record.update(fields)
+  return record
+
+
+def test_table_puts_each_setting_beside_its_reference(tmp_path):
+  records = [
+    _step_record('jax', 1000.0),
+    _step_record('torch', 800.0, mfu=0.05),
+    {'what': 'ratio', 'size': 448, 'jax_over_torch': 1.25},
+    _step_record('jax', 250.0, size=896, norm='ssbn', mfu=None, model_tflops_per_sec=None),
+    _step_record('jax', 900.0, pointwise_matmul=False, kernel_grad_matmul=False),
+  ]
+  lines = benchmark.markdown_table(records).splitlines()
+  assert len(lines) == 5
+  assert lines[2] == (
+    '| train | densenet121 | 1 x NVIDIA H200 | 448 | 32 | bfloat16 | no | products | 1000.0 | 62.5 | 6.3% | 800.0 '
+    '| 5.0% | 1.25 | 12.50 | 41 |'
+  )
+  assert lines[3] == (
+    '| train | densenet121 (ssbn) | 1 x NVIDIA H200 | 896 | 32 | bfloat16 | no | products | 250.0 | - | - | - '
+    '| - | - | 12.50 | 41 |'
+  )
+  # The same setting again, with XLA's convolutions and no reference line after it.
+  assert lines[4] == (
+    '| train | densenet121 | 1 x NVIDIA H200 | 448 | 32 | bfloat16 | no | XLA | 900.0 | 62.5 | 6.3% | - | - | - '
+    '| 12.50 | 41 |'
+  )
+  # From the command line, on a file of JSON lines; a line that is not a record is named.
+  path = tmp_path / 'bench.jsonl'
+  path.write_text('\n'.join(json.dumps(r) for r in records) + '\n')
+  result = _benchmark(f'--table={path}')
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines() == lines
+  path.write_text(json.dumps(records[0]) + '\n{"images_per_sec": 3\n')
+  result = _benchmark(f'--table={path}')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith(f'error: {path} line 2: not a JSON line')

@@ -19,6 +19,7 @@ def test_summary_prints_densenet121_parameter_count():
   assert result.returncode == 0, result.stderr
   assert 'params: 6968206' in result.stdout.splitlines()
   assert 'batch_stats: 83648' in result.stdout.splitlines()
+  assert 'forward at 224 px: 5.20 GFLOP per image (a train step: 3x)' in result.stdout.splitlines()
 
 
 def test_unknown_config_field_is_a_one_line_error(tmp_path):
@@ -84,6 +85,13 @@ def test_summary_of_ssbn_and_of_an_ensemble_of_three(tmp_path):
   result = _main('--config=configs/ssbn.py:dataset=nih', '--mode=summary')
   assert result.returncode == 0, result.stderr
   assert 'params: 7135502' in result.stdout.splitlines()
+  # One DenseNet-121 computation per size: 4x the positions, 4x the FLOPs (the classifier aside).
+  for line in [
+    'forward at 224 px: 5.20 GFLOP per image (a train step: 3x)',
+    'forward at 448 px: 20.82 GFLOP per image (a train step: 3x)',
+    'forward at 896 px: 83.26 GFLOP per image (a train step: 3x)',
+  ]:
+    assert line in result.stdout.splitlines()
 
   members = []
   for size in (224, 448, 896):
