@@ -123,6 +123,56 @@ def test_every_launcher_exists():
   assert {'local.sh', 'slurm.sbatch', 'tpu_pod.sh', 'k8s_job.yaml', 'sweep.py'} <= names
 
 
+def test_gpu_benchmark_script_runs_each_setting_and_tables_them(tmp_path):
+  """The accelerator benchmark's four runs, on the CPU with a tiny DenseNet, from another folder."""
+  tiny = [
+    '--config.model.name=densenet_tiny',
+    '--sizes=32',
+    '--steps=1',
+    '--warmup=0',
+    '--repeats=1',
+  ]
+  result = subprocess.run(
+    ['bash', str(LAUNCH / 'gpu_benchmark.sh'), 'out', '2', *tiny],
+    cwd=tmp_path,
+    env={**os.environ, 'PYTHON': sys.executable},
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr
+  lines = [
+    json.loads(line) for line in (tmp_path / 'out' / 'benchmark.jsonl').read_text().splitlines()
+  ]
+  jax_lines = [r for r in lines if r.get('framework') == 'jax']
+  assert [
+    (r['norm'], r['dtype'], r['pointwise_matmul'], r['kernel_grad_matmul'], r['size'], r['batch'])
+    for r in jax_lines
+  ] == [
+    ('batchnorm', 'bfloat16', True, True, 32, 2),
+    ('ssbn', 'bfloat16', True, True, 32, 2),
+    ('batchnorm', 'bfloat16', False, False, 32, 2),
+    ('batchnorm', 'float32', True, True, 32, 2),
+  ]
+  log = (tmp_path / 'out' / 'benchmark.log').read_text()
+  assert log.count(': exit 0') == 4
+  table = (tmp_path / 'out' / 'table.md').read_text().splitlines()
+  assert table == result.stdout.splitlines() and len(table) == 2 + 4
+
+  # No time left: every run is skipped and logged, and the table is empty.
+  result = subprocess.run(
+    ['bash', str(LAUNCH / 'gpu_benchmark.sh'), 'spent'],
+    cwd=tmp_path,
+    env={**os.environ, 'PYTHON': sys.executable, 'BUDGET_S': '0'},
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr
+  assert (tmp_path / 'spent' / 'benchmark.log').read_text().count('skipped (budget spent)') == 4
+  assert len(result.stdout.splitlines()) == 2
+
+
 def _k8s_documents():
   with open(LAUNCH / 'k8s_job.yaml') as f:
     return {doc['kind']: doc for doc in yaml.safe_load_all(f)}
