@@ -124,7 +124,8 @@ def test_every_launcher_exists():
 
 
 def test_gpu_benchmark_script_runs_each_setting_and_tables_them(tmp_path):
-  """The accelerator benchmark's four runs, on the CPU with a tiny DenseNet, from another folder."""
+  """The accelerator benchmark's four runs, on the CPU with a tiny DenseNet, from another folder; the two with
+  torch beside JAX fail here (a stand-in interpreter) and run again without it."""
   tiny = [
     '--config.model.name=densenet_tiny',
     '--sizes=32',
@@ -132,10 +133,17 @@ def test_gpu_benchmark_script_runs_each_setting_and_tables_them(tmp_path):
     '--warmup=0',
     '--repeats=1',
   ]
+  python = tmp_path / 'python'
+  python.write_text(
+    '#!/usr/bin/env bash\n'
+    'for a in "$@"; do [[ $a == --torch ]] && { echo "torch and JAX clash" >&2; exit 1; }; done\n'
+    f'exec {shlex.quote(sys.executable)} "$@"\n'
+  )
+  python.chmod(0o755)
   result = subprocess.run(
     ['bash', str(LAUNCH / 'gpu_benchmark.sh'), 'out', '2', *tiny],
     cwd=tmp_path,
-    env={**os.environ, 'PYTHON': sys.executable},
+    env={**os.environ, 'PYTHON': str(python)},
     capture_output=True,
     text=True,
     timeout=600,
@@ -155,7 +163,9 @@ def test_gpu_benchmark_script_runs_each_setting_and_tables_them(tmp_path):
     ('batchnorm', 'float32', True, True, 32, 2),
   ]
   log = (tmp_path / 'out' / 'benchmark.log').read_text()
-  assert log.count(': exit 0') == 4
+  assert log.count('torch and JAX clash') == 2
+  assert log.count(': exit 1') == 2 and log.count('without torch: exit 0') == 2
+  assert log.count(': exit 0') == 4  # ssbn, XLA convolutions, and the two runs again without torch
   table = (tmp_path / 'out' / 'table.md').read_text().splitlines()
   assert table == result.stdout.splitlines() and len(table) == 2 + 4
 
