@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 
 # Dense peak TFLOP/s per device, by device kind (a regular expression searched in `device.device_kind`; first
 # match wins, so more specific names come first). 'float32' is what float32 matrix products run at by default: on
@@ -75,16 +76,16 @@ def _conv_flops(eqn: Any) -> int:
 
 
 def _sub_jaxprs(value: Any) -> list[Any]:
-  if isinstance(value, jax.extend.core.ClosedJaxpr):
+  if isinstance(value, jax_core.ClosedJaxpr):
     return [value.jaxpr]
-  if isinstance(value, jax.extend.core.Jaxpr):
+  if isinstance(value, jax_core.Jaxpr):
     return [value]
   return []
 
 
 def jaxpr_flops(jaxpr: Any) -> int:
   """2 x the multiply-adds of the products and convolutions in `jaxpr` (a Jaxpr or ClosedJaxpr)."""
-  if isinstance(jaxpr, jax.extend.core.ClosedJaxpr):
+  if isinstance(jaxpr, jax_core.ClosedJaxpr):
     jaxpr = jaxpr.jaxpr
   total = 0
   for eqn in jaxpr.eqns:
