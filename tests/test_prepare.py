@@ -140,6 +140,25 @@ def test_synthetic_round_trip_and_overwrite(tmp_path):
     prepare.read_prepared(tmp_path, 'test', labels=data.labels)
 
 
+def test_a_config_that_trains_from_a_preparation_prepares_from_the_originals(tmp_path):
+  """data.prepared_dir in the config is not where a preparation reads from; and after an overwrite at another
+  size, this process reads the new shards, not the readers it had open on the old ones."""
+  data = _data_config('synthetic')
+  data.synthetic.update({'num_train': 4, 'num_val': 0, 'num_test': 2})
+  prepare.prepare(data, tmp_path, size=16, splits=('test',), progress=False)
+  first = prepare.read_prepared(tmp_path, 'test', labels=data.labels)
+  assert prepare.load_prepared(first[0].image).shape == (
+    16,
+    16,
+  )  # a reader now open on the 16 px shard
+
+  data.prepared_dir = os.fspath(tmp_path)
+  prepare.prepare(data, tmp_path, size=32, splits=('test',), overwrite=True, progress=False)
+  data.prepared_dir = ''
+  _assert_round_trip(tmp_path, data, ('test',), size=32)  # every image from the originals, at 32 px
+  assert prepare.read_manifest(tmp_path)['size'] == 32
+
+
 def test_overwrite_keeps_the_old_preparation_until_the_new_one_is_complete(tmp_path):
   data = _data_config('synthetic')
   data.synthetic.update({'num_train': 5, 'num_val': 0, 'num_test': 2})

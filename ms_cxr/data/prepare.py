@@ -140,6 +140,16 @@ def prepare(
       f'{out / MANIFEST} exists: {out} already holds a preparation '
       '(--overwrite, overwrite=True, replaces it)'
     )
+  if data_config.get('prepared_dir'):
+    # An experiment's config that trains from a preparation names it; a preparation is made from the originals.
+    logging.info(
+      'prepare: reading %s at %r, not data.prepared_dir=%r',
+      data_config.dataset,
+      data_config.root,
+      data_config.prepared_dir,
+    )
+    data_config = data_config.copy_and_resolve_references()
+    data_config.prepared_dir = ''
   # Everything is read and written before anything of a previous preparation is touched: a wrong root or an
   # unreadable image leaves it as it was.
   records = {split: datasets.load_split(data_config, split) for split in splits}
@@ -164,6 +174,8 @@ def prepare(
     (staging / BUILDER_NAME).replace(out / BUILDER_NAME)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+    # Readers this process opened on the shards replaced (same paths, new files) would read the old ones.
+    _drop_shards(os.fspath(out))
   # Written last and renamed into place: a manifest exists only for a finished preparation.
   text = json.dumps(manifest, indent=2) + '\n'
   partial = out / f'{MANIFEST}.partial'
@@ -622,6 +634,17 @@ def _forget_shards() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_shards)
+
+
+def _drop_shards(folder: str) -> None:
+  """Closes and forgets this process's cached readers and features of the shards under `folder`."""
+  prefix = os.path.join(folder, '')
+  with _shards_lock:
+    for path in [p for p in _shards if p.startswith(prefix)]:
+      reader, _ = _shards.pop(path)
+      with contextlib.suppress(Exception):
+        reader.close()
+  _features.cache_clear()
 
 
 def _open_shard(
