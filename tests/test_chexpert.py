@@ -13,7 +13,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from ms_cxr.data import chexpert, nih
+from ms_cxr.data import bad_input, chexpert, nih
 from ms_cxr.data.labels import CHEXPERT_COMPETITION_LABELS, CHEXPERT_LABELS
 from ms_cxr.data.records import label_matrix
 
@@ -269,3 +269,42 @@ def test_train_val_carve_by_patient(tmp_path):
   assert {r.patient_id for r in other} != val_patients
   again = chexpert.read_records(tmp_path, split='val', **kwargs)
   assert [r.id for r in again] == [r.id for r in val]
+
+
+def test_the_carve_keeps_each_patient_on_one_side_under_any_view_selection(tmp_path):
+  """Validation patients are chosen among all of train.csv's, so a model trained on frontal images is never
+  validated on its own training patients' lateral images, and a skipped bad row moves no patient."""
+  dataset = tmp_path / 'CheXpert-v1.0-small'
+  dataset.mkdir()
+  with gzip.open(TRAIN_GZ, 'rt', newline='') as src:
+    header, template = next(src), next(src).split(',')
+  # 40 patients with a frontal and a lateral image, 40 with a lateral image only.
+  lines = [header]
+  for p in range(80):
+    kinds = ['Frontal', 'Lateral'] if p < 40 else ['Lateral']
+    for v, kind in enumerate(kinds, 1):
+      fields = list(template)
+      fields[0] = f'CheXpert-v1.0-small/train/patient{p:05d}/study1/view{v}_{kind.lower()}.jpg'
+      fields[3], fields[4] = kind, 'AP' if kind == 'Frontal' else ''
+      lines.append(','.join(fields))
+  (dataset / 'train.csv').write_text(''.join(lines))
+  everyone = {f'patient{p:05d}' for p in range(80)}
+  expected_val = nih.carve_val_patients(everyone, 0.25, seed=0)
+  sides = {}
+  for views in [('frontal',), ('lateral',), ('frontal', 'lateral')]:
+    train = chexpert.read_records(tmp_path, split='train', views=views, val_fraction=0.25)
+    val = chexpert.read_records(tmp_path, split='val', views=views, val_fraction=0.25)
+    sides[views] = ({r.patient_id for r in train}, {r.patient_id for r in val})
+    assert sides[views][1] == expected_val & (sides[views][0] | sides[views][1])
+  assert not sides[('frontal',)][0] & sides[('lateral',)][1]
+  assert len(sides[('frontal', 'lateral')][1]) == 20
+
+  # A row cut short, skipped as bad: no patient changes side.
+  lines[7] = ','.join(lines[7].split(',')[:5]) + '\n'
+  (dataset / 'train.csv').write_text(''.join(lines))
+  with bad_input.collecting() as skipped:
+    val = chexpert.read_records(
+      tmp_path, split='val', views=('frontal', 'lateral'), val_fraction=0.25
+    )
+  assert len(skipped) == 1 and 'row 7' in skipped[0]
+  assert {r.patient_id for r in val} <= expected_val

@@ -66,6 +66,7 @@ def read_csv(
   smoothing_range: tuple[float, float] = (0.55, 0.85),
   views: Sequence[str] = VIEWS,
   dataset_dir: str | os.PathLike | None = None,
+  all_patients: set[str] | None = None,
 ) -> list[Record]:
   """Parses a CheXpert label file (`train.csv`, `valid.csv`, `test.csv`, or any of them gzipped).
 
@@ -78,6 +79,8 @@ def read_csv(
     views: 'frontal' and/or 'lateral' (the `Frontal/Lateral` column); other rows are dropped.
     dataset_dir: the folder that replaces the first component of `Path` (the dataset folder's name); defaults
       to the CSV's folder.
+    all_patients: when given, the patient of every row is added to it, whatever its view and whether or not
+      the row is kept (a carve over these does not move with the view selection or with rows skipped as bad).
 
   Returns:
     Records in file order: id = `Path` below the dataset folder, image = absolute path (not checked here),
@@ -146,6 +149,10 @@ def read_csv(
 
     ids, images, patients, studies, record_views, values = [], [], [], [], [], []
     for n, row in enumerate(reader, 1):
+      if all_patients is not None and len(row) > path_col:
+        match = _STUDY.search(row[path_col])
+        if match is not None:
+          all_patients.add(match[1])
       with bad_input.ROW:  # data.skip_bad: a bad row is skipped and counted
         if len(row) != num_fields:
           raise ValueError(
@@ -218,9 +225,10 @@ def read_records(
   Args:
     root: a folder holding `CheXpert-v1.0/` or `CheXpert-v1.0-small/`, or that folder itself.
     split: 'train' / 'val' (train.csv carved by patient: `val_fraction` of its patients go to 'val', chosen
-      by `seed` with `nih.carve_val_patients`), 'train_val' (all of train.csv), 'valid' (valid.csv, the
-      radiologist-labelled set of 200 studies) or 'test' (test.csv when present, else valid.csv: the
-      CheXpert-v1.0 download has no test labels, and papers report on the valid set).
+      by `seed` with `nih.carve_val_patients` among all patients of the file, whatever `views` keeps),
+      'train_val' (all of train.csv), 'valid' (valid.csv, the radiologist-labelled set of 200 studies) or
+      'test' (test.csv when present, else valid.csv: the CheXpert-v1.0 download has no test labels, and papers
+      report on the valid set).
     val_fraction: fraction of the train.csv patients in 'val'.
     seed: selects the train/val carve.
     views: 'frontal' and/or 'lateral'.
@@ -242,6 +250,7 @@ def read_records(
   csv_path = (split == 'test' and _find_csv(dataset_dir, 'test')) or _find_csv(dataset_dir, stem)
   if csv_path is None:
     raise ValueError(f'{os.path.join(dataset_dir, stem + ".csv")} is missing (split {split!r})')
+  all_patients: set[str] = set()
   records = read_csv(
     csv_path,
     labels=labels,
@@ -250,9 +259,11 @@ def read_records(
     smoothing_range=smoothing_range,
     views=views,
     dataset_dir=dataset_dir,
+    all_patients=all_patients,
   )
   if split in ('train', 'val'):
-    val_patients = carve_val_patients((r.patient_id for r in records), val_fraction, seed)
+    # Carved over every patient of train.csv, so a patient is on the same side under any view selection.
+    val_patients = carve_val_patients(all_patients, val_fraction, seed)
     records = [r for r in records if (r.patient_id in val_patients) == (split == 'val')]
   return _check_images(records, dataset_dir, csv_path, skip_missing_images)
 
