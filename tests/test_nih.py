@@ -181,6 +181,47 @@ def test_wrong_field_count_names_file_and_row(tmp_path):
     nih.read_data_entry(path)
 
 
+def test_dicom_age_strings_and_bad_numbers_name_the_column(tmp_path):
+  lines = _data_entry_lines(4)
+  header = lines[0].split(',')
+  age = header.index('Patient Age')
+  width = header.index('OriginalImage[Width')  # the header's bracket pair splits on its comma
+  fields = [line.split(',') for line in lines[1:]]
+  years = [int(f[age]) for f in fields]
+  fields[0][age] = f'{years[0]:03d}Y'  # the Kaggle sample's spelling
+  fields[1][age] = '018M'
+  path = tmp_path / 'Data_Entry_2017.csv'
+  path.write_text('\n'.join([lines[0], *(','.join(f) for f in fields)]) + '\n')
+  rows = nih.read_data_entry(path)
+  assert [r.patient_age for r in rows] == [years[0], 1, *years[2:]]
+
+  fields[2][width] = '2500.5'
+  path.write_text('\n'.join([lines[0], *(','.join(f) for f in fields)]) + '\n')
+  with pytest.raises(
+    ValueError,
+    match=r"Data_Entry_2017\.csv row 3: 'OriginalImage\[Width\]' is '2500\.5', expected an integer",
+  ):
+    nih.read_data_entry(path)
+
+
+def test_label_files_that_are_not_utf8_or_cut_short_name_the_file(tmp_path):
+  lines = _data_entry_lines(400)
+  text = '\n'.join(lines) + '\n'
+  exported = tmp_path / 'utf16' / 'Data_Entry_2017.csv'
+  exported.parent.mkdir()
+  exported.write_bytes(text.encode('utf-16'))  # a spreadsheet's 'Unicode text' export
+  with pytest.raises(ValueError, match=r'Data_Entry_2017\.csv line 1: not UTF-8 text'):
+    nih.read_data_entry(exported)
+  data = gzip.compress(text.encode())
+  cut = tmp_path / 'cut' / 'Data_Entry_2017.csv.gz'
+  cut.parent.mkdir()
+  cut.write_bytes(data[: len(data) // 2])
+  with pytest.raises(
+    ValueError, match=r'Data_Entry_2017\.csv\.gz line \d+: the gzip data cannot be read'
+  ):
+    nih.read_data_entry(cut)
+
+
 def test_missing_list_and_bad_arguments(tmp_path):
   root = _link(
     tmp_path / 'root', **{'Data_Entry_2017_v2020.csv': NIH_SAMPLE / 'Data_Entry_2017_v2020.csv'}

@@ -115,3 +115,38 @@ def test_16_bit_images_get_one_rule_whatever_their_maximum(tmp_path):
   Image.fromarray(np.full((4, 4), 1234, np.uint16)).save(flat)
   with Image.open(flat) as img:
     assert images.to_uint8_grayscale(img).max() == 0
+
+
+def _png(path, samples, colour_type):
+  """A PNG of 16-bit big-endian `samples` [h, w, channels], written by hand (Pillow writes no 16-bit colour)."""
+  import struct
+  import zlib
+
+  def chunk(kind, data):
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+  height, width = samples.shape[:2]
+  rows = b''.join(b'\0' + row.astype('>u2').tobytes() for row in samples)  # filter 0 on every row
+  header = struct.pack('>IIBBBBB', width, height, 16, colour_type, 0, 0, 0)
+  path.write_bytes(
+    b'\x89PNG\r\n\x1a\n'
+    + chunk(b'IHDR', header)
+    + chunk(b'IDAT', zlib.compress(rows))
+    + chunk(b'IEND', b'')
+  )
+
+
+def test_16_bit_colour_pngs_are_refused_by_name(tmp_path):
+  """Pillow reads 16-bit colour PNGs as 8-bit, from the high byte: a 12-bit ramp would become 16 grey levels."""
+  from ms_cxr.data import images
+
+  ramp = np.linspace(0, 4095, 32).astype(np.uint16)[None, :, None].repeat(4, axis=0)
+  grey = tmp_path / 'grey16.png'
+  _png(grey, ramp, colour_type=0)
+  pixels = images.load(str(grey), (32,))[32]
+  assert (pixels.min(), pixels.max()) == (0, 255)  # 16-bit grayscale: read whole, stretched
+  for name, channels, colour_type in [('rgb16.png', 3, 2), ('grey_alpha16.png', 2, 4)]:
+    path = tmp_path / name
+    _png(path, ramp.repeat(channels, axis=2), colour_type)
+    with pytest.raises(ValueError, match=rf'^{path}: a 16-bit colour PNG'):
+      images.load(str(path), (32,))

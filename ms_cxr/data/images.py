@@ -42,11 +42,31 @@ def load(ref: str, sizes: Sequence[int]) -> dict[int, np.ndarray]:
     return {size: resize(pixels, size) for size in sizes}
   try:
     with Image.open(ref) as img:
+      if _is_16_bit_colour(img):
+        raise ValueError(
+          f'{ref}: a 16-bit colour PNG, of which Pillow reads only the high byte of each sample (a 12-bit '
+          'radiograph would keep 16 grey levels); save it as 16-bit grayscale or 8-bit'
+        )
       img.load()
       pixels = to_uint8_grayscale(img)
-  except (OSError, SyntaxError, ValueError) as e:
+  except (OSError, SyntaxError) as e:
     raise ValueError(f'{ref}: cannot read image ({e})') from None
+  except ValueError as e:
+    message = str(e)
+    raise ValueError(
+      message if message.startswith(ref) else f'{ref}: cannot read image ({e})'
+    ) from None
   return {size: resize(pixels, size) for size in sizes}
+
+
+def _is_16_bit_colour(img: Image.Image) -> bool:
+  """A PNG with 16-bit colour (or grey + alpha) samples, which Pillow opens as 8-bit by dropping the low byte
+  (16-bit grayscale it opens whole, as mode I;16)."""
+  return (
+    img.format == 'PNG'
+    and img.mode in ('RGB', 'RGBA', 'LA')
+    and any(';16' in str(tile.args) for tile in img.tile)
+  )
 
 
 # The first prepared image of a process is read under this lock. ms_cxr.data.prepare is imported lazily (it imports

@@ -25,8 +25,9 @@ import hashlib
 import operator
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 from absl import logging
@@ -117,20 +118,58 @@ class DataEntryRow:
   pixel_spacing_y: float
 
 
-def open_csv(path: str | os.PathLike) -> TextIO:
+class CsvText:
+  """The lines of a CSV text stream for `csv.reader`; a file that cannot be read as UTF-8 text (an export in
+  another encoding) or as gzip data (a download cut short) raises ValueError naming the file and the line, rather
+  than a decoder's error that names neither."""
+
+  def __init__(self, path: str | os.PathLike, stream: TextIO, is_gzip: bool):
+    self.path = os.fspath(path)
+    self._stream = stream
+    self._is_gzip = is_gzip
+    self._line = 0
+
+  def __enter__(self) -> CsvText:
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    self._stream.close()
+
+  def __iter__(self) -> Iterator[str]:
+    return self
+
+  def __next__(self) -> str:
+    try:
+      line = next(self._stream)
+    except UnicodeDecodeError as e:
+      raise ValueError(
+        f'{self.path} line {self._line + 1}: not UTF-8 text ({e.reason}); save the file as UTF-8 CSV'
+      ) from None
+    except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+      what = 'gzip data' if self._is_gzip else 'file'
+      raise ValueError(
+        f'{self.path} line {self._line + 1}: the {what} cannot be read ({e}); it may be cut short or damaged, '
+        'download it again'
+      ) from None
+    self._line += 1
+    return line
+
+
+def open_csv(path: str | os.PathLike) -> CsvText:
   """Opens a CSV as text, gunzipping it when it is gzip data (whatever its name ends with).
 
   Args:
     path: a .csv or .csv.gz file.
 
   Returns:
-    A text stream for `csv.reader` (newline='' as the csv module requires; a UTF-8 BOM is dropped).
+    A context manager iterating over the file's lines, for `csv.reader` (opened with newline='' as the csv
+    module requires; a UTF-8 BOM is dropped).
   """
   with open(path, 'rb') as f:
     is_gzip = f.read(2) == b'\x1f\x8b'
   if is_gzip:
-    return gzip.open(path, 'rt', encoding='utf-8-sig', newline='')
-  return open(path, encoding='utf-8-sig', newline='')
+    return CsvText(path, gzip.open(path, 'rt', encoding='utf-8-sig', newline=''), True)
+  return CsvText(path, open(path, encoding='utf-8-sig', newline=''), False)
 
 
 def carve_val_patients(
@@ -200,26 +239,48 @@ def read_data_entry(path: str | os.PathLike) -> list[DataEntryRow]:
           raise ValueError(
             f'{path} row {n}: image {name!r} is listed again (first on row {first_row[name]})'
           )
-        try:
-          row = DataEntryRow(
-            n,
-            name,
-            findings,
-            int(follow_up),
-            patient,
-            int(age),
-            gender,
-            view.strip().upper(),
-            int(w),
-            int(h),
-            float(sx),
-            float(sy),
-          )
-        except ValueError as e:
-          raise ValueError(f'{path} row {n}: {e}') from None
+        row = DataEntryRow(
+          n,
+          name,
+          findings,
+          _number(path, n, _FOLLOW_UP, follow_up, int),
+          patient,
+          _age_years(path, n, age),
+          gender,
+          view.strip().upper(),
+          _number(path, n, _WIDTH, w, int),
+          _number(path, n, _HEIGHT, h, int),
+          _number(path, n, _SPACING_X, sx, float),
+          _number(path, n, _SPACING_Y, sy, float),
+        )
         first_row[name] = n
         rows.append(row)
   return rows
+
+
+def _number(path: str | os.PathLike, n: int, column: str, text: str, kind: type) -> Any:
+  try:
+    return kind(text)
+  except ValueError:
+    raise ValueError(
+      f'{path} row {n}: {column!r} is {text!r}, expected {"an integer" if kind is int else "a number"}'
+    ) from None
+
+
+# An age as a plain number of years or as DICOM's age string (e.g. '057Y', '006M'): the spelling of some
+# ChestX-ray14 label files (the Kaggle sample's).
+_AGE_STRING = re.compile(r'\s*(\d+)\s*([YMWD]?)\s*', re.IGNORECASE)
+_DAYS_PER_UNIT = {'': 365.25, 'Y': 365.25, 'M': 365.25 / 12, 'W': 7.0, 'D': 1.0}
+
+
+def _age_years(path: str | os.PathLike, n: int, text: str) -> int:
+  """Whole years of a 'Patient Age' field."""
+  match = _AGE_STRING.fullmatch(text)
+  if match is None:
+    raise ValueError(
+      f"{path} row {n}: {_AGE!r} is {text!r}, expected years ('57') or a DICOM age ('057Y', '006M')"
+    )
+  return int(int(match[1]) * _DAYS_PER_UNIT[match[2].upper()] // 365.25)
 
 
 def read_boxes(path: str | os.PathLike) -> dict[str, tuple[Box, ...]]:
@@ -362,7 +423,7 @@ def _expand_header(names: Sequence[str]) -> list[str]:
 
 
 def _checked_rows(
-  path: str | os.PathLike, f: TextIO, columns: Sequence[str]
+  path: str | os.PathLike, f: Iterable[str], columns: Sequence[str]
 ) -> Iterator[tuple[int, tuple[str, ...]]]:
   """Yields (1-based data row, the `columns` fields of that row) after checking the row's field count.
 

@@ -46,8 +46,7 @@ import csv
 import dataclasses
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TextIO
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -740,7 +739,9 @@ def _parse_box(
   return x_min, y_min, x_max, y_max
 
 
-def _rows(path: str | os.PathLike, f: TextIO) -> tuple[Iterator[tuple[int, list[str]]], list[str]]:
+def _rows(
+  path: str | os.PathLike, f: Iterable[str]
+) -> tuple[Iterator[tuple[int, list[str]]], list[str]]:
   """The header (stripped names) and a checked iterator over (1-based data row, fields)."""
   reader = csv.reader(f)
   header = next(reader, None)
