@@ -896,10 +896,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     validation) are kept for that log line rather than dropped."""
     new = jax.device_get([m for _, m in pending])
     for (s, _), m in zip(pending, new, strict=True):
-      if not math.isfinite(float(np.ravel(m['loss'])[0])):
+      loss = float(np.ravel(m['loss'])[0])
+      # The loss is that of the parameters before the step's update; their norm after it catches an update that
+      # diverged (a norm past float32's range is as unusable as a NaN) before it is validated or saved.
+      l2_params = float(np.ravel(m['l2_params'])[0])
+      if not math.isfinite(loss) or not math.isfinite(l2_params):
+        what = (
+          f'loss is {loss}'
+          if not math.isfinite(loss)
+          else f'parameters diverged (L2 norm {l2_params})'
+        )
         raise NonFiniteLossError(
-          f'loss is {float(np.ravel(m["loss"])[0])} at step {s}; stopping. The last good checkpoint '
-          f'(step {last_saved}) is kept in {workdir}/checkpoints'
+          f'{what} at step {s}; stopping. The last good checkpoint (step {last_saved}) is kept in '
+          f'{workdir}/checkpoints'
         )
     pending.clear()
     fetched.extend(new)

@@ -3,6 +3,7 @@ report."""
 
 import csv
 import json
+import os
 
 import jax
 import numpy as np
@@ -76,6 +77,24 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints(
   assert after[0] == before[0] == 12
   for a, b in zip(jax.tree.leaves(before[1]), jax.tree.leaves(after[1]), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_an_update_that_diverges_stops_before_it_is_validated_or_saved(smoke_config, tmp_path):
+  """A finite loss with an update that blows the parameters up (SGD at 1e30): the step's state is neither scored
+  on validation (which would fail on NaN probabilities) nor kept as the last good checkpoint."""
+  config = smoke_config
+  config.ckpt.async_save = False
+  config.optim.name = 'sgd'
+  config.optim.learning_rate = 1e30
+  config.optim.schedule = 'constant'
+  config.train.eval_every_steps = 1
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(
+    train.NonFiniteLossError, match=r'parameters diverged \(L2 norm inf\) at step 1'
+  ):
+    train.train_and_evaluate(config, workdir)
+  assert checkpointing.latest_step(workdir) is None
+  assert not os.listdir(os.path.join(workdir, 'checkpoints', 'best'))
 
 
 def test_best_checkpoint_ahead_of_the_resumed_step_is_replaced_not_collided_with(
