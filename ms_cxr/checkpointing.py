@@ -135,6 +135,13 @@ class Checkpointer:
     manager = self.latest if which == 'latest' else self.best
     found = manager.latest_step()
     if found is None:
+      latest = self.latest.all_steps()
+      if which == 'best' and latest:
+        raise UserError(
+          f'no best checkpoint in {self._root}: best checkpoints are those that scored highest on validation, '
+          f'and this run did not validate (train.eval_every_steps=0); it has checkpoints at steps '
+          f'{sorted(latest)}: expected eval.checkpoint=latest or eval.step=N'
+        )
       raise UserError(f'no {which} checkpoint in {self._root} (has this workdir been trained?)')
     return manager, found
 

@@ -71,6 +71,50 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   return _with_defaults(config_lib.upgrade_written(values))
 
 
+# Fields that make a checkpoint's model compute what it was trained to: `main --mode=evaluate` from a config file
+# refuses to differ from the run's config.json in them (a forgotten `size=448` evaluated a 448 px model at 224 px).
+# The other model.* fields change how, not what, it computes.
+MODEL_DEFINING_FIELDS = ('data.sizes', 'data.labels', 'model.')
+_HOW_NOT_WHAT = (
+  'model.init_from',
+  'model.remat',
+  'model.pointwise_matmul',
+  'model.kernel_grad_matmul',
+)
+
+
+def check_trained_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to evaluate `workdir` under a config whose model differs from the one it was trained with.
+
+  Compares MODEL_DEFINING_FIELDS with `<workdir>/config.json` (nothing to compare without one, or for an
+  ensemble, whose members are read with their own configs). `python -m ms_cxr.evaluate --workdir=DIR` reads the
+  run's own config, and its overrides are deliberate; this is for a config given again by file.
+
+  Raises:
+    UserError: naming each differing field with the trained and the given value.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if _ensemble_members(config) or not os.path.exists(path):
+    return
+  trained = train.flatten_config(json.loads(config_lib.to_json(load_workdir_config(workdir))))
+  given = train.flatten_config(json.loads(config_lib.to_json(config)))
+  differing = [
+    k
+    for k in given
+    if k in trained
+    and any(k == f or (f.endswith('.') and k.startswith(f)) for f in MODEL_DEFINING_FIELDS)
+    and k not in _HOW_NOT_WHAT
+    and json.dumps(trained[k]) != json.dumps(given[k])
+  ]
+  if differing:
+    changes = ', '.join(f'{k} {trained[k]!r} (trained) vs {given[k]!r}' for k in differing)
+    raise UserError(
+      f'{workdir!r} was trained with another model than this config gives: {changes} (from {path}). Evaluate '
+      f'it with its own config: python -m ms_cxr.evaluate --workdir={workdir} [--config.eval.FIELD=VALUE ...] '
+      '(a deliberate change goes there as --config.SECTION.FIELD=VALUE)'
+    )
+
+
 def _as_tuple(value: Any) -> Any:
   """A JSON list (config_lib.to_json writes tuples as lists) back as a tuple, nested lists included."""
   if isinstance(value, list):
@@ -307,12 +351,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if not records:
     raise UserError(f'split {config.eval.split!r} of {config.data.dataset} has no images')
 
-  members = [m.strip() for m in config.eval.ensemble_workdirs.split(',') if m.strip()]
+  members = _ensemble_members(config)
   run = val_probs = None
   if members:
-    result, probs, predicted = _evaluate_ensemble(config, members, records, dp)
+    val_records = []
+    if config.eval.val_thresholds and config.eval.split != config.eval.val_split:
+      val_records = datasets.load_split(config.data, config.eval.val_split)
+    result, probs, predicted, val = _evaluate_ensemble(config, members, records, val_records, dp)
     records, probs = _drop_unread(records, probs, predicted, result)
     targets = label_matrix(records, len(labels))
+    if val_records:
+      val_probs, val_predicted = val
+      val_probs = val_probs[val_predicted]
+      val_targets = label_matrix(
+        [r for r, ok in zip(val_records, val_predicted, strict=True) if ok], len(labels)
+      )
   else:
     best_on_val = len(config.data.sizes) > 1 and config.eval.fusion == 'best_on_val'
     val_thresholds = config.eval.val_thresholds and config.eval.split != config.eval.val_split
@@ -459,15 +512,35 @@ def compute_attention_maps(config, variables, records, size: int) -> np.ndarray:
 
 
 def report_name(config: ml_collections.ConfigDict) -> str:
-  """The report folder under <workdir>/eval/: `eval.name`, else the split, with `_best` or `_step<N>` when the
-  checkpoint is not the latest (so that evaluating another checkpoint never replaces the latest's report)."""
+  """The report folder under <workdir>/eval/: `eval.name`, else the split, then what makes this evaluation's
+  numbers differ from the plain one of that checkpoint (`_ensemble`, `_tta-<views>`, `_<fusion>` for a
+  multi-scale model's non-default fusion), then `_best` or `_step<N>` when the checkpoint is not the latest. So
+  an ensemble evaluated into one member's workdir, a run with test-time views and another checkpoint each get
+  their own folder and never replace the report of the member's own latest checkpoint."""
   if config.eval.name:
     return config.eval.name
+  name = config.eval.split
+  if _ensemble_members(config):
+    name += '_ensemble'
+  views = train.tta_views(config)
+  if views:
+    name += '_tta-' + '-'.join(views)
+  if (
+    len(config.data.sizes) > 1
+    and config.eval.fusion != fusion.FUSIONS[0]
+    and not _ensemble_members(config)
+  ):
+    name += f'_{config.eval.fusion}'
   if config.eval.step >= 0:
-    return f'{config.eval.split}_step{config.eval.step}'
+    return f'{name}_step{config.eval.step}'
   if config.eval.checkpoint == 'best':
-    return f'{config.eval.split}_best'
-  return config.eval.split
+    return f'{name}_best'
+  return name
+
+
+def _ensemble_members(config: ml_collections.ConfigDict) -> list[str]:
+  """The workdirs of `eval.ensemble_workdirs` (comma-separated), in order."""
+  return [m.strip() for m in config.eval.ensemble_workdirs.split(',') if m.strip()]
 
 
 def _write_report(config, workdir, out_dir, records, probs, targets, result, maps) -> None:
@@ -579,30 +652,53 @@ def write_text_atomic(path: str, text: str) -> None:
   os.replace(path + '.tmp', path)
 
 
-def _evaluate_ensemble(config, members, records, dp):
+# What an ensemble's evaluation sets for each member, whose own config gives its model and sizes: which
+# checkpoint, the devices, test-time views, the batch and the input pipeline's settings.
+_MEMBER_FIELDS = (
+  'eval.checkpoint',
+  'eval.step',
+  'eval.tta',
+  'eval.batch_size',
+  'data.skip_bad',
+  'data.num_workers',
+  'data.read_threads',
+  'data.prefetch_batches',
+)
+
+
+def _evaluate_ensemble(config, members, records, val_records, dp):
   """Mean of the members' probabilities; each member is fused over its own sizes by mean probability.
 
   Returns:
-    (result, probabilities [N, K], the bool [N] mask of the records every member predicted).
+    (result, probabilities [N, K], the bool [N] mask of the records every member predicted, and for
+    `val_records` the same two (None, None without them)).
   """
   labels = tuple(config.data.labels)
-  member_probs, member_info = [], []
+  member_probs, member_val_probs, member_info = [], [], []
   all_predicted = np.ones(len(records), np.bool_)
+  val_predicted = np.ones(len(val_records), np.bool_)
   targets = label_matrix(records, len(labels))
   for workdir in members:
     member = load_workdir_config(workdir)
     if tuple(member.data.labels) != labels:
       raise UserError(f'ensemble member {workdir} has labels {member.data.labels}, not {labels}')
-    member.eval.checkpoint, member.eval.step = config.eval.checkpoint, config.eval.step
     member.parallel = config.parallel
-    member.data.skip_bad = config.data.skip_bad
-    member.eval.tta = config.eval.tta
-    member_run = _predict_run(member, workdir, records, [], dp)
+    for field in _MEMBER_FIELDS:
+      section, name = field.split('.')
+      member[section][name] = config[section][name]
+    try:
+      validate_eval_config(member, dp)
+    except UserError as e:
+      raise UserError(f'ensemble member {workdir}: {e}') from None
+    member_run = _predict_run(member, workdir, records, val_records, dp)
     logits, predicted = member_run.logits, member_run.predicted
     step, num_params = member_run.step, member_run.num_params
     probs = fusion.fuse(logits, 'mean_prob')
     member_probs.append(probs)
     all_predicted &= predicted
+    if val_records:
+      member_val_probs.append(fusion.fuse(member_run.val_logits, 'mean_prob'))
+      val_predicted &= member_run.val_predicted
     member_info.append(
       {
         'workdir': workdir,
@@ -617,7 +713,8 @@ def _evaluate_ensemble(config, members, records, dp):
     'num_params': sum(m['num_params'] for m in member_info),
     'ensemble': member_info,
   }
-  return result, np.mean(member_probs, axis=0), all_predicted
+  val = (np.mean(member_val_probs, axis=0), val_predicted) if val_records else (None, None)
+  return result, np.mean(member_probs, axis=0), all_predicted, val
 
 
 def write_predictions(

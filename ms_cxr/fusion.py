@@ -15,6 +15,7 @@ import numpy as np
 
 from ms_cxr import metrics
 
+# The first is the default (configs/base.py).
 FUSIONS = ('mean_prob', 'mean_logit', 'max', 'best_on_val')
 
 

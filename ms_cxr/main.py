@@ -142,6 +142,8 @@ def run(argv) -> None:
   if FLAGS.mode in ('train', 'train_and_evaluate'):
     train.train_and_evaluate(config, FLAGS.workdir)
   if FLAGS.mode in ('evaluate', 'train_and_evaluate'):
+    if FLAGS.mode == 'evaluate':
+      evaluate.check_trained_config(config, FLAGS.workdir)
     result = evaluate.evaluate(config, FLAGS.workdir)
     if jax.process_index() == 0:
       print(evaluate.format_table(result))

@@ -3,7 +3,8 @@
   python -m ms_cxr.report runs/densenet_224 runs/densenet_448 runs/ssbn runs/ensemble [--eval_name=test]
   python -m ms_cxr.report --localization runs/msanet runs/densenet_224     (pointing game and IoU per label)
 
-Each argument is a workdir (its `eval/<eval_name>/metrics.json` is read) or a metrics.json path. Multi-scale
+Each argument is a workdir (its `eval/<eval_name>/metrics.json` is read, or `eval/<eval_name>_ensemble/` where
+only an ensemble was evaluated into it) or a metrics.json path. Multi-scale
 runs contribute one column per size and one for the fusion, so single-scale, multi-scale and ensemble rows of a
 table like the SSBN paper's line up side by side. Prints Markdown.
 """
@@ -31,8 +32,12 @@ flags.DEFINE_bool(
 
 
 def load_metrics(path: str, eval_name: str = 'test') -> dict[str, Any]:
-  """metrics.json of a workdir's evaluation (or the file itself)."""
+  """metrics.json of a workdir's evaluation (or the file itself). A workdir holding no `eval/<eval_name>` but an
+  ensemble's `eval/<eval_name>_ensemble` (a folder made for an ensemble's report) gives that one."""
   file = path if path.endswith('.json') else os.path.join(path, 'eval', eval_name, 'metrics.json')
+  ensemble = os.path.join(path, 'eval', f'{eval_name}_ensemble', 'metrics.json')
+  if not path.endswith('.json') and not os.path.exists(file) and os.path.exists(ensemble):
+    file = ensemble
   try:
     with open(file) as f:
       return json.load(f)

@@ -586,12 +586,12 @@ RESUMABLE_FIELDS = (
 SCHEDULES_OVER_NUM_STEPS = ('cosine',)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+def flatten_config(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   """{'section.field': value} of a nested config dict."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
+      flat.update(flatten_config(value, f'{prefix}{key}.'))
     else:
       flat[f'{prefix}{key}'] = value
   return flat
@@ -625,10 +625,10 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None
     return
   try:
     with open(path) as f:
-      old = _flatten(config_lib.upgrade_written(json.load(f)))
+      old = flatten_config(config_lib.upgrade_written(json.load(f)))
   except (OSError, json.JSONDecodeError) as e:
     raise UserError(f'{path}: cannot read the config this workdir was trained with ({e})') from None
-  new = _flatten(json.loads(config_lib.to_json(config)))
+  new = flatten_config(json.loads(config_lib.to_json(config)))
   # Compared as JSON text: a NaN field (data.chexpert.blank=nan) equals itself there.
   fields = [k for k in new if k in old and json.dumps(old[k]) != json.dumps(new[k])]
   refused = [k for k in fields if not _may_change_on_resume(k, old[k], new[k])]

@@ -180,6 +180,84 @@ def test_report_folder_names_the_checkpoint_and_is_replaced_whole(untrained_work
   assert evaluate.report_name(config) == 'test_best'
   config.eval.name = 'external'
   assert evaluate.report_name(config) == 'external'
+  # What changes the numbers of a checkpoint's evaluation gets its own folder.
+  config.eval.name = ''
+  config.eval.tta = ('hflip,zoom',)
+  assert evaluate.report_name(config) == 'test_tta-hflip-zoom_best'
+  config.eval.tta = ()
+  config.eval.fusion = 'max'
+  assert evaluate.report_name(config) == 'test_best'  # one size: nothing is fused
+  config.data.sizes = (32, 64)
+  assert evaluate.report_name(config) == 'test_max_best'
+  config.eval.ensemble_workdirs = 'a, b'
+  config.eval.checkpoint = 'latest'
+  assert (
+    evaluate.report_name(config) == 'test_ensemble'
+  )  # members fuse their sizes by mean probability
+
+
+def test_an_ensemble_evaluated_into_a_member_keeps_the_members_own_report(
+  untrained_workdir, tmp_path, monkeypatch
+):
+  """Two copies of one run as an ensemble, evaluated into the first: the member's report stays; the ensemble's
+  has thresholds fixed on validation, and the evaluation's batch reaches the members."""
+  import os
+  import shutil
+
+  members = [str(tmp_path / name) for name in ('a', 'b')]
+  for member in members:
+    shutil.copytree(untrained_workdir, member)
+  config = _quick(evaluate.load_workdir_config(members[0]))
+  config.model.init_from = ''
+  own = evaluate.evaluate(config, members[0])
+  config.eval.ensemble_workdirs = ','.join(members)
+  config.eval.val_thresholds = True
+  config.eval.batch_size = 6
+  predict_run = evaluate._predict_run
+  batches = []
+
+  def recording(member_config, *args):
+    batches.append(member_config.eval.batch_size)
+    return predict_run(member_config, *args)
+
+  monkeypatch.setattr(evaluate, '_predict_run', recording)
+  ensemble = evaluate.evaluate(config, members[0])
+  assert batches == [6, 6]  # the evaluation's batch, not the one each member was trained with
+  assert sorted(os.listdir(os.path.join(members[0], 'eval'))) == ['test', 'test_ensemble']
+  with open(os.path.join(members[0], 'eval', 'test', 'metrics.json')) as f:
+    assert json.load(f)['mean_auroc'] == own['mean_auroc']
+  # Identical members: the ensemble is the member, and its thresholds come from validation.
+  assert ensemble['mean_auroc'] == pytest.approx(own['mean_auroc'])
+  assert [m['workdir'] for m in ensemble['ensemble']] == members
+  assert set(ensemble['operating_points_val_threshold']) <= set(config.data.labels)
+  assert ensemble['operating_points_val_threshold']
+
+
+def test_main_evaluate_refuses_a_config_whose_model_differs_from_the_trained_one(untrained_workdir):
+  """`main --mode=evaluate` with the config file again: a forgotten size or another model is an error, a
+  change of how the model computes (remat) or of the evaluation is not."""
+  config = evaluate.load_workdir_config(untrained_workdir)
+  evaluate.check_trained_config(config, untrained_workdir)
+  config.model.remat = True
+  config.eval.split = 'val'
+  evaluate.check_trained_config(config, untrained_workdir)
+  config.data.sizes = (64,)
+  config.model.bn_epsilon = 1e-3
+  with pytest.raises(
+    UserError,
+    match=r'data.sizes \[32\] \(trained\) vs \[64\], model.bn_epsilon 1e-05 \(trained\) vs 0.001 '
+    r'.*python -m ms_cxr.evaluate --workdir=',
+  ):
+    evaluate.check_trained_config(config, untrained_workdir)
+
+
+def test_asking_for_the_best_checkpoint_of_a_run_that_never_validated(untrained_workdir):
+  config = _quick(evaluate.load_workdir_config(untrained_workdir))
+  config.eval.checkpoint = 'best'
+  with pytest.raises(
+    UserError, match=r'this run did not validate .*steps \[1\]: expected eval.checkpoint=latest'
+  ):
+    evaluate.evaluate(config, untrained_workdir)
 
 
 def test_a_config_written_before_split_seed_keeps_its_split(tmp_path):

@@ -358,3 +358,17 @@ def test_localization_table_shows_each_runs_count_when_they_differ():
   assert '| Mass | 4 / 9 |' in text
   with pytest.raises(UserError, match="b has labels \\['Mass'\\]"):
     report.localization_table([('a', run(4)), ('b', run(4, ('Mass',)))])
+
+
+def test_an_ensembles_workdir_reports_its_ensemble_folder(tmp_path):
+  ensemble = tmp_path / 'ensemble' / 'eval' / 'test_ensemble'
+  ensemble.mkdir(parents=True)
+  (ensemble / 'metrics.json').write_text(json.dumps({'mean_auroc': 0.8}))
+  assert report.load_metrics(str(tmp_path / 'ensemble'))['mean_auroc'] == 0.8
+  # A run with its own report: that one, not an ensemble evaluated into it.
+  own = tmp_path / 'ensemble' / 'eval' / 'test'
+  own.mkdir()
+  (own / 'metrics.json').write_text(json.dumps({'mean_auroc': 0.7}))
+  assert report.load_metrics(str(tmp_path / 'ensemble'))['mean_auroc'] == 0.7
+  with pytest.raises(UserError, match='not found'):
+    report.load_metrics(str(tmp_path / 'ensemble'), 'val')
