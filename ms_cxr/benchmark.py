@@ -22,10 +22,11 @@ gives `cpu_ms_per_image` (CPU time of the timed windows per image: this process,
 input) and `cpu_utilisation` (CPU seconds per wall second), which tell a busy shared machine from a slow step.
 
 Model FLOPs (train, eval): `model_flops_per_image` counts 2 x the multiply-adds of the model's products and
-convolutions from its jaxpr, 3 forward passes for a train step and one per test-time view (`eval.tta`) for an
-eval step (ms_cxr/flops.py); `model_tflops_per_sec` is that times the median images/s, and `mfu` that over the
-devices' peak, `peak_tflops_per_device`: `--peak_tflops`, else the vendor's dense figure for a known GPU or TPU in
-the step's dtype (float32 on NVIDIA GPUs: TF32), else null (CPUs).
+convolutions from its jaxpr, 3 forward passes for a train step (twice that with MS-ANet's consistency loss, which
+runs each image's transformed copy too) and one per test-time view (`eval.tta`) for an eval step
+(ms_cxr/flops.py); `model_tflops_per_sec` is that times the median images/s, and `mfu` that over the devices'
+peak, `peak_tflops_per_device`: `--peak_tflops`, else the vendor's dense figure for a known GPU or TPU in the
+step's dtype (float32 on NVIDIA GPUs: TF32), else null (CPUs).
 
 input: the host work of training's input pipeline, `pipeline.train_dataset` (decode, resize to the step's size,
 augmentation: `_LoadTrainBatch`) with `data.num_workers` = each of `--workers`, at each size in `--sizes` (default
@@ -545,7 +546,12 @@ class JaxStep:
       config, model, train.config_optimizer(config), load_init_from=False
     )
     self.num_params = train.count_params(state.params)
-    views = 1 if what == 'train' else 1 + len(train.tta_views(config))
+    # Forward passes per image: MS-ANet's consistency loss runs each image's transformed copy too; an eval step
+    # runs each test-time view.
+    if what == 'train':
+      views = 2 if config.train.consistency_weight > 0 else 1
+    else:
+      views = 1 + len(train.tta_views(config))
     self.flops_per_image = flops.model_flops_per_image(
       model,
       {'params': state.params, 'batch_stats': state.batch_stats},

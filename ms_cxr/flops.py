@@ -123,12 +123,11 @@ def forward_flops(model: Any, variables: Any, size_px: int, *, channels: int = 1
 def model_flops_per_image(
   model: Any, variables: Any, size_px: int, *, what: str = 'train', views: int = 1
 ) -> int:
-  """Model FLOPs per image of a train step (3 x forward) or an eval step (forward x `views`, with test-time
-  augmentation views)."""
+  """Model FLOPs per image of a train step (3 x forward) or an eval step (forward), times `views`, the forward
+  passes per image (train: 2 with MS-ANet's consistency loss, which runs each image's transformed copy; eval:
+  1 + the test-time views)."""
   forward = forward_flops(model, variables, size_px)
-  if what == 'train':
-    return 3 * forward
-  return forward * views
+  return (3 if what == 'train' else 1) * forward * views
 
 
 def mfu(

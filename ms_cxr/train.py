@@ -298,7 +298,8 @@ def train_step(
   with `trainable_sizes`, only those sizes' SSBN parameters change at all.
 
   Attention models (MS-ANet) return a dict; `attention` adds the per-scale logits' loss and the consistency
-  loss between CAM(T(x)) and T(CAM(x)), with T drawn per image from a key folded with the step and the device.
+  loss between CAM(T(x)) and T(CAM(x)), with T drawn per image from a key folded with the step, the size and the
+  image's row in the global batch (so the same on any number of devices and micro-batches).
   The transformed images join the batch, so they share BatchNorm statistics and are classified too.
   """
   sizes = pipeline.batch_sizes(batch)
@@ -313,14 +314,22 @@ def train_step(
   size_weight = 1.0 / len(sizes) if multiscale_loss == 'mean' else 1.0
 
   consistency = attention.consistency_weight > 0
-  step_key = jax.random.fold_in(
-    jax.random.fold_in(jax.random.key(attention.seed), state.step), lax.axis_index(axis_name)
-  )
+  step_key = jax.random.fold_in(jax.random.key(attention.seed), state.step)
 
-  def loss_fn(params, batch_stats, images, chunk_labels, key, num_chunks):
+  def loss_fn(params, batch_stats, images, chunk_labels, key, first_row, num_chunks):
     batch_size = images.shape[0]
     if consistency:
-      transform = attention_losses.random_transform_params(key, attention.transform, batch_size)
+      # Each image's transform from its row in the global batch: the same draws on any number of devices and
+      # micro-batches.
+      rows = first_row + jnp.arange(batch_size)
+      transform = jax.vmap(
+        lambda row: jax.tree.map(
+          lambda v: v[0],
+          attention_losses.random_transform_params(
+            jax.random.fold_in(key, row), attention.transform, 1
+          ),
+        )
+      )(rows)
       images = jnp.concatenate(
         [images, attention_losses.transform_images(images, attention.transform, transform)]
       )
@@ -359,21 +368,26 @@ def train_step(
     images = batch[pipeline.image_key(size)]
     chunks = accum_steps.get(size, 1)
     size_key = jax.random.fold_in(step_key, size)
+    # This device's first row in the global batch (devices hold consecutive rows).
+    device_row = lax.axis_index(axis_name) * images.shape[0]
     if chunks == 1:
       (loss, batch_stats), size_grads = grad_fn(
-        state.params, batch_stats, images, labels, size_key, 1
+        state.params, batch_stats, images, labels, size_key, device_row, 1
       )
     else:
       # Micro-batches in sequence (lax.scan keeps one in memory at a time); BatchNorm statistics are those of
       # each micro-batch (across devices), and the running averages are updated once per micro-batch.
-      def micro_step(carry, chunk, num_chunks=chunks):
+      def micro_step(carry, chunk, num_chunks=chunks, size_key=size_key):
         stats, grad_sum, loss_sum = carry
-        (loss, stats), g = grad_fn(state.params, stats, *chunk, num_chunks)
+        chunk_images, chunk_labels, first_row = chunk
+        (loss, stats), g = grad_fn(
+          state.params, stats, chunk_images, chunk_labels, size_key, first_row, num_chunks
+        )
         return (stats, jax.tree.map(jnp.add, grad_sum, g), loss_sum + loss), None
 
       micro_batches = jax.tree.map(
         lambda x, n=chunks: x.reshape(n, x.shape[0] // n, *x.shape[1:]), (images, labels)
-      ) + (jax.random.split(size_key, chunks),)
+      ) + (device_row + jnp.arange(chunks) * (images.shape[0] // chunks),)
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (batch_stats, size_grads, loss), _ = lax.scan(
         micro_step, (batch_stats, zeros, jnp.zeros((), jnp.float32)), micro_batches

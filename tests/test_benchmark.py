@@ -227,6 +227,21 @@ def test_eval_runs_the_configured_test_time_views_and_counts_their_flops():
     benchmark.run(config, options, emit=lambda r: None)
 
 
+def test_msanet_with_consistency_counts_the_transformed_copies():
+  from configs import msanet
+  from ms_cxr import flops, models
+
+  config = msanet.get_config('smoke')
+  assert config.train.consistency_weight > 0
+  options = benchmark.Options(what='train', sizes=(32,), batch=4, steps=1, warmup=0, repeats=1)
+  (record,) = benchmark.run(config, options, emit=lambda r: None)
+  model = models.create_model(config.model, len(config.data.labels), (32,))
+  variables = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 1), np.uint8), train=False)
+  )
+  assert record['model_flops_per_image'] == 6 * flops.forward_flops(model, variables, 32)
+
+
 def test_configure_keeps_each_sizes_accumulation_and_adds_new_sizes():
   from configs import ssbn
 

@@ -68,6 +68,7 @@ def test_train_is_three_forwards_and_eval_counts_its_views():
   model, variables, _ = _model_and_shapes('densenet_tiny', sizes=(32,))
   forward = flops.forward_flops(model, variables, 32)
   assert flops.model_flops_per_image(model, variables, 32, what='train') == 3 * forward
+  assert flops.model_flops_per_image(model, variables, 32, what='train', views=2) == 6 * forward
   assert flops.model_flops_per_image(model, variables, 32, what='eval', views=3) == 3 * forward
   assert flops.model_flops_per_image(model, variables, 32, what='eval') == forward
 

@@ -392,6 +392,38 @@ def test_msanet_trains_through_the_data_parallel_step_with_consistency():
     assert not np.array_equal(before[name]['kernel'], results[1.0][1][name]['kernel'])
 
 
+@pytest.mark.parametrize('transform', ['rescale', 'translate'])
+def test_consistency_transforms_are_the_same_on_one_or_two_devices(transform):
+  """Each image's transform follows its row in the global batch, so a run resumed on another number of devices
+  (or with micro-batches) draws what the uninterrupted run would have."""
+  from conftest import compiled_train_step, new_train_state
+
+  from configs import msanet as msanet_config
+  from ms_cxr import parallel, train
+
+  config = msanet_config.get_config('smoke')
+  config.optim.name = (
+    'sgd'  # an update linear in the gradient keeps float-level differences float-level
+  )
+  labels = len(config.data.labels)
+  state = new_train_state(config, labels, config.data.sizes)
+  rng = np.random.default_rng(0)
+  batch = {
+    'image_32': rng.integers(0, 256, (4, 32, 32, 1), dtype=np.uint8),
+    'labels': (rng.random((4, labels)) < 0.3).astype(np.float32),
+  }
+  terms = train.AttentionTerms(scale_weight=0.5, consistency_weight=1.0, transform=transform)
+  results = []
+  for devices in (1, 2):
+    dp = parallel.DataParallel.create('shard_map', devices)
+    step = compiled_train_step(dp, attention=terms)
+    new_state, metrics = step(dp.replicate(state), dp.shard_batch(batch))
+    results.append((float(metrics['loss']), jax.device_get(dp.unreplicate(new_state).params)))
+  assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_consistency_leaves_out_what_a_translation_moves_out_of_the_frame():
   """A CAM that is not zero on black (a bias) commutes with a translation inside the frame only: T(CAM(x)) is the
   fill value where the frame moved away, CAM(T(x)) the bias on the black border. The frame mask leaves that out."""
