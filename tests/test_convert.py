@@ -239,3 +239,42 @@ def test_msanet_backbone_starts_from_torchvision_and_its_heads_keep_their_init(
     after[('batch_stats', 'norm5', 'mean')], state_dict['features.norm5.running_mean']
   )
   assert summary['classifier_copied'] is False
+
+
+def test_an_msanet_whose_scales_end_early_takes_the_blocks_it_has(
+  torch_reference, tmp_path, caplog
+):
+  """scales=(1, 2): no block 3 or 4, no norm5. The file's deeper layers are left out and logged, the blocks the
+  model has are copied; a file missing a block the model has is still an error."""
+  import logging
+
+  from configs import msanet as msanet_config
+
+  state_dict, _, _ = torch_reference
+  config = msanet_config.get_config('smoke')
+  config.model.name = 'msanet_tiny'
+  config.model.msanet.scales = (1, 2)
+  model = models.create_model(config.model, NUM_CLASSES, (SIZE,))
+  images = jax.ShapeDtypeStruct((1, SIZE, SIZE, 1), jnp.uint8)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+  assert not any(
+    name.startswith(('denseblock3', 'denseblock4', 'norm5')) for name in shapes['params']
+  )
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype), shapes)
+  np.savez(tmp_path / 'weights.npz', **state_dict)
+  with caplog.at_level(logging.INFO):
+    converted, _ = convert.init_from_torchvision(str(tmp_path / 'weights.npz'), variables)
+  after = traverse_util.flatten_dict(converted)
+  np.testing.assert_array_equal(
+    after[('batch_stats', 'transition2_norm', 'mean')],
+    state_dict['features.transition2.norm.running_mean'],
+  )
+  assert 'the model ends at dense block 2' in caplog.text and 'features.denseblock3' in caplog.text
+
+  del state_dict['features.denseblock2.denselayer1.conv1.weight']
+  np.savez(tmp_path / 'short.npz', **state_dict)
+  with pytest.raises(
+    ValueError, match='1 missing keys: features.denseblock2.denselayer1.conv1.weight'
+  ):
+    convert.init_from_torchvision(str(tmp_path / 'short.npz'), variables)

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from ms_cxr import checkpointing, distributed
+from ms_cxr import checkpointing, distributed, main
 
 LAUNCH = REPO / 'launch'
 SMOKE = '--config=configs/densenet.py:dataset=synthetic,smoke'
@@ -215,6 +215,18 @@ def test_k8s_manifest_is_a_consistent_indexed_job_with_a_headless_service():
   for rule in job['spec']['podFailurePolicy']['rules']:
     if 'onExitCodes' in rule:
       assert rule['onExitCodes']['containerName'] == container['name']
+  # The exit statuses of ms_cxr.main: a bad config or a non-finite loss fails the Job; a preempted process (every
+  # process saved the same step and stopped) is recreated without using up the retries.
+  by_status = {
+    code: rule['action']
+    for rule in job['spec']['podFailurePolicy']['rules']
+    for code in rule.get('onExitCodes', {}).get('values', [])
+  }
+  assert by_status == {
+    main.EXIT_USER_ERROR: 'FailJob',
+    main.EXIT_NON_FINITE: 'FailJob',
+    main.EXIT_PREEMPTED: 'Ignore',
+  }
 
   # What ms_cxr.distributed makes of pod 1's environment.
   pod_env = {'JOB_COMPLETION_INDEX': '1', 'JAX_PROCESS_ID': '1'}

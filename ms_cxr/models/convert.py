@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -184,6 +184,41 @@ def _listing(items: list[str]) -> str:
   return ', '.join(items[:_SHOWN]) + more
 
 
+def _deepest_block(names: Iterable[str]) -> int:
+  """The largest N of the `denseblockN...` names (0 without any)."""
+  numbers = [int(m[1]) for m in map(_DENSE_BLOCK.match, names) if m]
+  return max(numbers, default=0)
+
+
+_DENSE_BLOCK = re.compile(r'denseblock(\d+)')
+_FILE_BLOCK = re.compile(r'(?:module\.)?features\.denseblock(\d+)\.')
+_FILE_TRANSITION = re.compile(r'(?:module\.)?features\.transition(\d+)\.(\w+)')
+_FILE_TAIL = re.compile(r'(?:module\.)?(?:features\.norm5\.|classifier\.)')
+
+
+def _beyond_backbone(flat: Mapping[tuple[str, ...], Any], state_dict: Mapping[str, Any]) -> Any:
+  """A predicate on the file's keys: whether a key belongs to a layer after the model's last dense block (the
+  deeper blocks and transitions, the convolution of the last block's transition, norm5 and the classifier); never true
+  when the model has every block the file has."""
+  deepest = _deepest_block(path[1] for path in flat)
+  in_file = max((int(m[1]) for m in map(_FILE_BLOCK.match, state_dict) if m), default=0)
+  if not deepest or deepest >= in_file:
+    return lambda key: False
+
+  def beyond(key: str) -> bool:
+    block, transition = _FILE_BLOCK.match(key), _FILE_TRANSITION.match(key)
+    # The last block's transition: its norm gives the block's output, its convolution is not used.
+    last = transition and int(transition[1]) == deepest and transition[2] == 'conv'
+    return bool(
+      (block and int(block[1]) > deepest)
+      or (transition and int(transition[1]) > deepest)
+      or last
+      or _FILE_TAIL.match(key)
+    )
+
+  return beyond
+
+
 def _convert(
   state_dict: Mapping[str, np.ndarray], variables: PyTree, source: str
 ) -> tuple[PyTree, dict[str, Any]]:
@@ -224,6 +259,11 @@ def _convert(
     and not key.endswith('.num_batches_tracked')
     and (copy_classifier or not key.startswith('classifier.'))
   ]
+  # A backbone that ends before the file's last dense block (MS-ANet with `scales` ending early) has no use for
+  # the deeper layers: they are left out, and logged, rather than a misfit.
+  beyond = _beyond_backbone(flat, state_dict)
+  deeper = [key for key in unused if beyond(key)]
+  unused = [key for key in unused if not beyond(key)]
   unmapped = ['/'.join(path) for path, key in keys.items() if key is None]
   problems = []
   if missing:
@@ -243,6 +283,14 @@ def _convert(
       'expected a torchvision DenseNet state dict of the same architecture'
     )
 
+  if deeper:
+    logging.info(
+      '%s: the model ends at dense block %d; %d entries of deeper layers in the file not used: %s',
+      source,
+      _deepest_block(path[1] for path in flat),
+      len(deeper),
+      _listing(deeper),
+    )
   if own_heads:
     logging.info(
       '%s: %d variables of heads torchvision does not have kept at their initialisation: %s',
