@@ -48,6 +48,11 @@ def load_metrics(path: str, eval_name: str = 'test') -> dict[str, Any]:
 Column = tuple[str, 'int | None', dict, 'float | None', dict, 'list | None']
 
 
+def _scored_on(result: dict[str, Any]) -> str:
+  """'<dataset> <split>, <N> images' of a metrics.json."""
+  return f'{result.get("dataset", "?")} {result.get("split", "?")}, {result.get("num_images", "?")} images'
+
+
 def columns_of(name: str, result: dict[str, Any]) -> list[Column]:
   """(title, params, per-label AUROC, mean, per-label CI, mean CI) per column: each size, then fused/single."""
   columns = []
@@ -94,10 +99,14 @@ def table(runs: Sequence[tuple[str, dict[str, Any]]], fmt: str = 'md') -> str:
     if result['labels'] != labels:
       raise UserError(f'{name} has labels {result["labels"]}; the first run has {labels}')
   columns = [c for name, result in runs for c in columns_of(name, result)]
+  scored_on = [_scored_on(result) for _, result in runs for _ in columns_of('', result)]
   rows = [['label'] + [c[0] for c in columns]]
   rows += [[label] + [_cell(c[2].get(label), c[4].get(label)) for c in columns] for label in labels]
   rows.append(['mean AUROC'] + [_cell(c[3], c[5]) for c in columns])
   rows.append(['parameters'] + ['' if c[1] is None else str(c[1]) for c in columns])
+  # Runs scored on other images (another split or dataset, eval.max_images) say so in a row of their own.
+  if len(set(scored_on)) > 1:
+    rows.insert(-1, ['scored on'] + scored_on)
   if fmt == 'csv':
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator='\n').writerows(rows)
@@ -147,7 +156,8 @@ def per_size_table(result: dict[str, Any], fmt: str = 'md') -> str:
 
 
 def localization_table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
-  """Markdown: per label, the pointing-game hit rate and mean IoU of each run's attention maps (n = images)."""
+  """Markdown: per label, the pointing-game hit rate and mean IoU of each run's attention maps (n = images), and
+  a last row with each run's pointing-game margin (`eval.pointing_tolerance`) and IoU threshold."""
   labels = runs[0][1]['labels']
   for name, result in runs[1:]:
     if result['labels'] != labels:
@@ -179,6 +189,16 @@ def localization_table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
         values = (entry['pointing_game'], entry['mean_iou']) if entry else (None, None)
       row += ['n/a' if v is None else f'{v:.3f}' for v in values]
     rows.append(row)
+  # How each run was scored: a pointing game with a margin, or an IoU at another threshold, is another measure.
+  settings = ['settings', '']
+  for _, result in runs:
+    loc = result['localization']
+    tolerance, threshold = loc.get('pointing_tolerance'), loc.get('iou_threshold')
+    settings += [
+      'margin ?' if tolerance is None else f'margin {tolerance:g}',
+      'threshold ?' if threshold is None else f'threshold {threshold:g}',
+    ]
+  rows.append(settings)
   return _render(rows, 'md')
 
 

@@ -32,13 +32,29 @@ def test_pointing_game_hit_miss_and_tolerance():
   peak_outside[1, 1] = 1.0  # centre (0.1875, 0.1875)
   peak_near = np.zeros((8, 8), np.float32)
   peak_near[6, 3] = 1.0  # centre x 0.4375 (0.0625 left of the box), y 0.8125 (0.0625 below)
-  assert localization.pointing_hit(peak_inside, [box], grid=8)
-  assert not localization.pointing_hit(peak_outside, [box], grid=8)
-  assert not localization.pointing_hit(peak_near, [box], grid=8)
-  assert localization.pointing_hit(peak_near, [box], grid=8, tolerance=0.07)
-  # Upsampling keeps the peak where it was: the same answers on a finer grid.
-  assert localization.pointing_hit(peak_inside, [box], grid=64)
-  assert not localization.pointing_hit(peak_outside, [box], grid=64)
+  assert localization.pointing_hit(peak_inside, [box])
+  assert not localization.pointing_hit(peak_outside, [box])
+  assert not localization.pointing_hit(peak_near, [box])
+  assert localization.pointing_hit(peak_near, [box], tolerance=0.07)
+  # A flat map points nowhere: a miss, even over a box covering the whole image.
+  assert localization.pointed_at(np.zeros((8, 8))) is None
+  assert not localization.pointing_hit(np.ones((8, 8)), [Box('Nodule', 0.0, 0.0, 1.0, 1.0)])
+
+
+def test_a_coarse_maps_edge_peak_points_at_its_cell_not_the_image_border():
+  """A 2 x 2 map peaking in its top-left cell points at that cell's centre (0.25, 0.25). Upsampled bilinearly,
+  the whole outer quarter of that cell is one tied plateau, whose first pixel is the image's corner."""
+  coarse = np.array([[1.0, 0.2], [0.2, 0.0]], np.float32)
+  assert localization.pointed_at(coarse) == (0.25, 0.25)
+  around_the_centre = Box('Mass', 0.1, 0.1, 0.45, 0.45)
+  assert localization.pointing_hit(coarse, [around_the_centre])
+  up = localization.upsample(coarse, 224)
+  assert (
+    np.count_nonzero(up == up.max()) > 1000
+  )  # the tie a pointing game on the upsampled map would break
+  edge = np.zeros((7, 7), np.float32)
+  edge[0, 3] = 1.0  # top edge, middle column: centre (1/14, 1/2)
+  assert localization.pointed_at(edge) == pytest.approx((1 / 14, 0.5))
 
 
 def test_iou_of_box_shaped_maps():
@@ -68,6 +84,7 @@ def test_score_counts_only_present_boxed_labels():
   result = localization.score(maps, records, labels, grid=4)
   assert result['per_label']['Nodule']['num_images'] == 2
   assert result['per_label']['Nodule']['pointing_game'] == 0.5
+  assert result['per_label']['Nodule']['flat_maps'] == 0
   assert result['per_label']['Mass'] is None
   assert result['labels_without_boxes'] == ['Mass']
   assert result['mean_pointing_game'] == 0.5
@@ -354,10 +371,35 @@ def test_localization_table_shows_each_runs_count_when_they_differ():
 
   text = report.localization_table([('a', run(4)), ('b', run(4))])
   assert '| Mass | 4 | 0.500 | 0.250 | 0.500 | 0.250 |' in text
+  assert (
+    text.splitlines()[-1] == '| settings |  | margin ? | threshold ? | margin ? | threshold ? |'
+  )
+  tolerant = run(4)
+  tolerant['localization'].update(pointing_tolerance=0.067, iou_threshold=0.5)
+  text = report.localization_table([('a', tolerant), ('b', run(4))])
+  assert text.splitlines()[-1].startswith(
+    '| settings |  | margin 0.067 | threshold 0.5 | margin ? |'
+  )
   text = report.localization_table([('a', run(4)), ('b', run(9))])
   assert '| Mass | 4 / 9 |' in text
   with pytest.raises(UserError, match="b has labels \\['Mass'\\]"):
     report.localization_table([('a', run(4)), ('b', run(4, ('Mass',)))])
+
+
+def test_auroc_table_names_what_each_run_was_scored_on_when_the_runs_differ():
+  def run(n, split='test'):
+    return {
+      'labels': ['Mass'],
+      'per_class_auroc': {'Mass': 0.75},
+      'mean_auroc': 0.75,
+      'dataset': 'nih',
+      'split': split,
+      'num_images': n,
+    }
+
+  assert 'scored on' not in report.table([('a', run(900)), ('b', run(900))])
+  lines = report.table([('a', run(900)), ('b', run(20))]).splitlines()
+  assert lines[-2] == '| scored on | nih test, 900 images | nih test, 20 images |'
 
 
 def test_an_ensembles_workdir_reports_its_ensemble_folder(tmp_path):
