@@ -24,6 +24,7 @@ def get_config(arg=None):
   args = config_lib.parse_arg(
     arg, dataset='synthetic', size=224, smoke=False, demo=False, cpu=False
   )
+  config_lib.refuse_with(arg, 'demo', 'size')
   config = base.get_config()
   config.data.dataset = args.dataset
   config.data.labels = datasets.default_labels(args.dataset)

@@ -31,7 +31,13 @@ def get_config(arg=None):
   config = base.get_config()
   config.data.dataset = args.dataset
   config.data.labels = datasets.default_labels(args.dataset)
-  config.data.sizes = tuple(int(s) for s in args.sizes.split('+'))
+  config_lib.refuse_with(arg, 'cpu', 'sizes')
+  try:
+    config.data.sizes = tuple(int(s) for s in args.sizes.split('+'))
+  except ValueError:
+    raise ValueError(
+      f"config argument sizes={args.sizes!r}: expected sizes in px joined by '+', e.g. 224+448+896"
+    ) from None
   config.model.name = 'densenet121'
   config.model.norm = 'ssbn'
   config.train.multiscale = 'round_robin'

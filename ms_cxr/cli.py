@@ -19,7 +19,8 @@ from ms_cxr.errors import UserError
 
 EXIT_USER_ERROR = 2
 # What absl and ml_collections raise for a bad flag value, an unknown config field or a config file that fails.
-FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+# UserError: raised by a config file's get_config (an unknown dataset in its argument).
+FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, UserError)
 
 
 def one_line(error: BaseException, argv: Sequence[str] = ()) -> str:

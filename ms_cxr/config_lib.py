@@ -24,9 +24,10 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     A ConfigDict with every key of `defaults`.
 
   Raises:
-    ValueError: naming an unknown key or a value that does not convert.
+    ValueError: naming an unknown key, a key given twice or a value that does not convert.
   """
   result = dict(defaults)
+  seen = set()
   for item in (arg or '').split(','):
     item = item.strip()
     if not item:
@@ -35,6 +36,9 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     key = key.strip()
     if key not in defaults:
       raise ValueError(f'config argument {key!r} is unknown; expected one of {sorted(defaults)}')
+    if key in seen:
+      raise ValueError(f'config argument {key!r} is given twice in {arg!r}')
+    seen.add(key)
     default = defaults[key]
     if not sep:
       if not isinstance(default, bool):
@@ -58,6 +62,23 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         f'config argument {key}={value!r} is not a valid {type(default).__name__}'
       ) from None
   return ml_collections.ConfigDict(result)
+
+
+def given(arg: str | None) -> set[str]:
+  """The keys `arg` names (rather than leaves at their defaults)."""
+  return {item.partition('=')[0].strip() for item in (arg or '').split(',') if item.strip()}
+
+
+def refuse_with(arg: str | None, preset: str, *keys: str) -> None:
+  """Raises ValueError when `arg` names both `preset` (a bare flag that sets these fields itself) and one of
+  `keys`, which the preset would silently replace."""
+  names = given(arg)
+  clash = sorted(names & set(keys))
+  if preset in names and clash:
+    raise ValueError(
+      f'config argument {preset!r} sets {" and ".join(clash)} itself; {arg!r} also gives '
+      f'{" and ".join(clash)}: drop one (or override the field with --config.data.sizes=...)'
+    )
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

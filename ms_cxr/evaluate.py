@@ -292,6 +292,14 @@ def validate_eval_config(config: ml_collections.ConfigDict, dp: parallel.DataPar
     raise UserError(
       f'config.eval.pointing_tolerance={tolerance!r}; expected a fraction of the image side in [0, 0.5)'
     )
+  threshold = config.eval.iou_threshold
+  if not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+    raise UserError(
+      f'config.eval.iou_threshold={threshold!r}; expected a fraction of the map range in (0, 1]'
+    )
+  grid = config.eval.localization_grid
+  if not isinstance(grid, int) or grid < 1:
+    raise UserError(f'config.eval.localization_grid={grid!r}; expected a positive number of pixels')
   labels = tuple(config.data.labels)
   if not labels or len(set(labels)) != len(labels):
     raise UserError(f'config.data.labels={labels} must be distinct label names, at least one')

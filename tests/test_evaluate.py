@@ -2,6 +2,7 @@
 checks evaluation makes (and the training-only ones it does not)."""
 
 import json
+import re
 
 import pytest
 from absl import flags
@@ -114,6 +115,31 @@ def test_evaluation_needs_neither_init_from_nor_training_batch_checks(untrained_
     UserError, match=r'config.eval.batch_size=15 must be a positive multiple of 2'
   ):
     evaluate.evaluate(config, untrained_workdir)
+
+
+@pytest.mark.parametrize(
+  'field, value, message',
+  [
+    (
+      'iou_threshold',
+      50,
+      'config.eval.iou_threshold=50.0; expected a fraction of the map range in (0, 1]',
+    ),
+    ('iou_threshold', 0.0, 'config.eval.iou_threshold=0.0'),
+    (
+      'localization_grid',
+      0,
+      'config.eval.localization_grid=0; expected a positive number of pixels',
+    ),
+  ],
+)
+def test_localization_settings_are_checked_before_anything_loads(
+  untrained_workdir, field, value, message
+):
+  config = _quick(evaluate.load_workdir_config(untrained_workdir))
+  config.eval[field] = value
+  with pytest.raises(UserError, match=re.escape(message)):
+    evaluate.validate_eval_config(config, parallel.DataParallel.create('shard_map', 1))
 
 
 @pytest.mark.parametrize(

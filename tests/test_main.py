@@ -147,3 +147,20 @@ def test_resuming_with_a_changed_batch_size_is_a_one_line_error(tmp_path):
     'train.global_batch_size 8 -> 16 '
   )
   assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize(
+  'config, message',
+  [
+    ('configs/densenet.py:dataset=NIH', "config.data.dataset='NIH' is unknown"),
+    ('configs/ssbn.py:sizes=224+abc', "sizes='224+abc': expected sizes in px joined by '+'"),
+    ('configs/densenet.py:size=224,size=448', "config argument 'size' is given twice"),
+    ('configs/densenet.py:demo,size=448', "config argument 'demo' sets size itself"),
+    ('configs/ssbn.py:cpu,sizes=64+128', "config argument 'cpu' sets sizes itself"),
+    ('configs/msanet.py:cpu,size=224', "config argument 'cpu' sets size itself"),
+  ],
+)
+def test_config_arguments_that_cannot_be_honoured_are_one_line_errors(config, message):
+  result = _main(f'--config={config}', '--mode=summary')
+  assert result.returncode == 2
+  assert message in _last_line(result) and 'Traceback' not in result.stderr

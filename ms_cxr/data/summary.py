@@ -70,12 +70,12 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = FLAGS.config
-  if FLAGS.dataset:
-    config.data.dataset = FLAGS.dataset
-    config.data.labels = datasets.default_labels(FLAGS.dataset)
-  if FLAGS.root:
-    config.data.root = FLAGS.root
   with cli.user_errors():
+    if FLAGS.dataset:
+      config.data.dataset = FLAGS.dataset
+      config.data.labels = datasets.default_labels(FLAGS.dataset)
+    if FLAGS.root:
+      config.data.root = FLAGS.root
     print(json.dumps(summarize(config.data, FLAGS.check_images), indent=2))
 
 
