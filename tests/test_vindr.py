@@ -11,6 +11,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from ms_cxr import localization
 from ms_cxr.data import bad_input, vindr
 from ms_cxr.data.labels import CHEXPERT_LABELS, NIH_LABELS
 from ms_cxr.data.records import Box, label_matrix
@@ -362,6 +363,35 @@ def test_boxes_in_image_fractions_from_the_dicom_header(tmp_path):
   )
   assert records['b'].boxes == ()
   assert pathlib.Path(records['a'].image) == root / 'train' / 'a.dicom'
+
+
+def test_boxes_take_the_names_of_the_label_space(tmp_path):
+  """Mapped to ChestX-ray14's labels, a 'Nodule/Mass' box is a Nodule box and a Mass box, a 'Pleural effusion'
+  box an Effusion box, and a box of a finding without a counterpart ('Aortic enlargement') is dropped."""
+  root = _kaggle_root(
+    tmp_path,
+    [
+      _kaggle_row('a', 'Nodule/Mass', 'R1', (10.0, 50.0, 60.0, 150.0)),
+      _kaggle_row('a', 'Pleural effusion', 'R2', (0.0, 0.0, 50.0, 100.0)),
+      _kaggle_row('a', 'Aortic enlargement', 'R3', (0.0, 0.0, 10.0, 10.0)),
+    ],
+  )
+  (root / 'train').mkdir()
+  _write_dicom_header(root / 'train' / 'a.dicom', rows=200, columns=100)
+  (record,) = vindr.read_records(root, split='train_val', label_space='nih', aggregate='any')
+  assert record.boxes == (
+    Box('Nodule', 0.1, 0.25, 0.6, 0.75),
+    Box('Mass', 0.1, 0.25, 0.6, 0.75),
+    Box('Effusion', 0.0, 0.0, 0.5, 0.5),
+  )
+  labels = list(NIH_LABELS)
+  assert localization.boxed_images([record], labels) == [0]
+  (native,) = vindr.read_records(root, split='train_val', aggregate='any')
+  assert [b.label for b in native.boxes] == [
+    'Nodule/Mass',
+    'Pleural effusion',
+    'Aortic enlargement',
+  ]
 
 
 def test_missing_images_and_boxes_outside_the_image(tmp_path):

@@ -526,7 +526,7 @@ def read_records(
       continue
     image_boxes = ()
     if image_id in boxes and os.path.isfile(image):
-      image_boxes = _to_fractions(box_path, boxes[image_id], image)
+      image_boxes = _boxes_in_space(_to_fractions(box_path, boxes[image_id], image), label_space)
     records.append(
       Record(
         id=image_id,
@@ -701,6 +701,20 @@ def _to_fractions(
         )
       out.append(Box(a.class_name, x0, y0, x1, y1))
   return tuple(out)
+
+
+def _boxes_in_space(boxes: Sequence[Box], label_space: str) -> tuple[Box, ...]:
+  """VinDr boxes under the names of `label_space`, by the labels' mapping: a box of a VinDr finding becomes one
+  box per label it makes positive ('Nodule/Mass' -> Nodule and Mass), and a finding no label maps from has none.
+  So a mapped label's boxes are scored and drawn like the dataset's own."""
+  if label_space == 'vindr':
+    return tuple(boxes)
+  mapping = TO_CHEXPERT if label_space == 'chexpert' else TO_NIH
+  return tuple(
+    Box(target, box.x0, box.y0, box.x1, box.y1)
+    for box in boxes
+    for target in mapping.get(box.label, ())
+  )
 
 
 def _raise_contradiction(
