@@ -20,6 +20,7 @@ from typing import Any
 
 from absl import app, flags
 
+from ms_cxr import cli
 from ms_cxr.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -252,8 +253,8 @@ def run_names(paths: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str]) -> None:
   paths = argv[1:]
   if not paths:
-    raise app.UsageError('give one or more workdirs (or metrics.json files)')
-  try:
+    cli.fail('give one or more workdirs (or metrics.json files)')
+  with cli.user_errors():
     runs = list(
       zip(run_names(paths), [load_metrics(p, FLAGS.eval_name) for p in paths], strict=True)
     )
@@ -264,9 +265,7 @@ def main(argv: Sequence[str]) -> None:
       print(localization_table(runs), end='')
     else:
       print(table(runs), end='')
-  except UserError as e:
-    raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -920,10 +920,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           if not math.isfinite(loss)
           else f'parameters diverged (L2 norm {l2_params})'
         )
-        raise NonFiniteLossError(
-          f'{what} at step {s}; stopping. The last good checkpoint (step {last_saved}) is kept in '
-          f'{workdir}/checkpoints'
+        kept = (
+          f'The last good checkpoint (step {last_saved}) is kept in {workdir}/checkpoints'
+          if last_saved > 0
+          else f'No checkpoint had been saved yet (ckpt.every_steps={config.ckpt.every_steps})'
         )
+        raise NonFiniteLossError(f'{what} at step {s}; stopping. {kept}')
     pending.clear()
     fetched.extend(new)
     return {}

@@ -414,3 +414,17 @@ def test_an_ensembles_workdir_reports_its_ensemble_folder(tmp_path):
   assert report.load_metrics(str(tmp_path / 'ensemble'))['mean_auroc'] == 0.7
   with pytest.raises(UserError, match='not found'):
     report.load_metrics(str(tmp_path / 'ensemble'), 'val')
+
+
+@pytest.mark.parametrize(
+  'args, message',
+  [
+    (['/nonexistent/run'], 'error: /nonexistent/run/eval/test/metrics.json not found'),
+    (['--bogus', 'x'], "error: Unknown command line flag 'bogus'"),
+    ([], 'error: give one or more workdirs'),
+  ],
+)
+def test_report_command_errors_are_one_line_with_status_2(args, message):
+  result = run_module('ms_cxr.report', *args)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith(message)

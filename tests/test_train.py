@@ -90,7 +90,8 @@ def test_an_update_that_diverges_stops_before_it_is_validated_or_saved(smoke_con
   config.train.eval_every_steps = 1
   workdir = str(tmp_path / 'run')
   with pytest.raises(
-    train.NonFiniteLossError, match=r'parameters diverged \(L2 norm inf\) at step 1'
+    train.NonFiniteLossError,
+    match=r'parameters diverged \(L2 norm inf\) at step 1; stopping. No checkpoint had been saved yet',
   ):
     train.train_and_evaluate(config, workdir)
   assert checkpointing.latest_step(workdir) is None

@@ -111,7 +111,10 @@ def load_split(
         labels=tuple(data_config.labels),
       )
   except (ValueError, FileNotFoundError) as e:
-    raise UserError(str(e)) from None
+    # The readers' own option for missing images is data.skip_bad here.
+    raise UserError(
+      str(e).replace('skip_missing_images=True', '--config.data.skip_bad=True')
+    ) from None
   if bad:
     logging.warning(
       'data.skip_bad: skipped %d bad row(s) or missing image(s) of %s %s, e.g. %s',
