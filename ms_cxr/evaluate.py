@@ -75,12 +75,8 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
 # refuses to differ from the run's config.json in them (a forgotten `size=448` evaluated a 448 px model at 224 px).
 # The other model.* fields change how, not what, it computes.
 MODEL_DEFINING_FIELDS = ('data.sizes', 'data.labels', 'model.')
-_HOW_NOT_WHAT = (
-  'model.init_from',
-  'model.remat',
-  'model.pointwise_matmul',
-  'model.kernel_grad_matmul',
-)
+# The model fields a resumed run may change (train.RESUMABLE_FIELDS): how it computes, not what.
+_HOW_NOT_WHAT = tuple(f for f in train.RESUMABLE_FIELDS if f.startswith('model.'))
 
 
 def check_trained_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -94,17 +90,14 @@ def check_trained_config(config: ml_collections.ConfigDict, workdir: str) -> Non
     UserError: naming each differing field with the trained and the given value.
   """
   path = os.path.join(workdir, 'config.json')
-  if _ensemble_members(config) or not os.path.exists(path):
+  if ensemble_members(config) or not os.path.exists(path):
     return
   trained = train.flatten_config(json.loads(config_lib.to_json(load_workdir_config(workdir))))
   given = train.flatten_config(json.loads(config_lib.to_json(config)))
   differing = [
     k
-    for k in given
-    if k in trained
-    and any(k == f or (f.endswith('.') and k.startswith(f)) for f in MODEL_DEFINING_FIELDS)
-    and k not in _HOW_NOT_WHAT
-    and json.dumps(trained[k]) != json.dumps(given[k])
+    for k in train.differing_fields(trained, given)
+    if train.field_in(k, MODEL_DEFINING_FIELDS) and not train.field_in(k, _HOW_NOT_WHAT)
   ]
   if differing:
     changes = ', '.join(f'{k} {trained[k]!r} (trained) vs {given[k]!r}' for k in differing)
@@ -359,7 +352,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if not records:
     raise UserError(f'split {config.eval.split!r} of {config.data.dataset} has no images')
 
-  members = _ensemble_members(config)
+  members = ensemble_members(config)
   run = val_probs = None
   if members:
     val_records = []
@@ -528,16 +521,13 @@ def report_name(config: ml_collections.ConfigDict) -> str:
   if config.eval.name:
     return config.eval.name
   name = config.eval.split
-  if _ensemble_members(config):
+  ensemble = bool(ensemble_members(config))
+  if ensemble:
     name += '_ensemble'
   views = train.tta_views(config)
   if views:
     name += '_tta-' + '-'.join(views)
-  if (
-    len(config.data.sizes) > 1
-    and config.eval.fusion != fusion.FUSIONS[0]
-    and not _ensemble_members(config)
-  ):
+  if len(config.data.sizes) > 1 and config.eval.fusion != fusion.FUSIONS[0] and not ensemble:
     name += f'_{config.eval.fusion}'
   if config.eval.step >= 0:
     return f'{name}_step{config.eval.step}'
@@ -546,7 +536,7 @@ def report_name(config: ml_collections.ConfigDict) -> str:
   return name
 
 
-def _ensemble_members(config: ml_collections.ConfigDict) -> list[str]:
+def ensemble_members(config: ml_collections.ConfigDict) -> list[str]:
   """The workdirs of `eval.ensemble_workdirs` (comma-separated), in order."""
   return [m.strip() for m in config.eval.ensemble_workdirs.split(',') if m.strip()]
 

@@ -64,7 +64,7 @@ def summary(config) -> None:
 
   With `--config.eval.ensemble_workdirs`, counts every member (from its config.json) and prints the total.
   """
-  members = [m.strip() for m in config.eval.ensemble_workdirs.split(',') if m.strip()]
+  members = evaluate.ensemble_members(config)
   configs = [evaluate.load_workdir_config(m) for m in members] or [config]
   totals: dict[str, int] = {}
   for member in configs:

@@ -12,7 +12,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -611,10 +611,22 @@ def flatten_config(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return flat
 
 
+def field_in(field: str, patterns: Sequence[str]) -> bool:
+  """Whether a dotted config field is one of `patterns` (a name, or a section prefix ending in '.')."""
+  return any(field == f or (f.endswith('.') and field.startswith(f)) for f in patterns)
+
+
+def differing_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+  """The flattened fields both configs have whose values differ, compared as JSON text (a NaN field, such as
+  data.chexpert.blank=nan, equals itself there); fields only one has (added or removed by an update of the code)
+  are not compared."""
+  return [k for k in new if k in old and json.dumps(old[k]) != json.dumps(new[k])]
+
+
 def _may_change_on_resume(field: str, old: Any, new: Any) -> bool:
   if field == 'data.prepared_dir' and bool(old) != bool(new):
     return False
-  return any(field == f or (f.endswith('.') and field.startswith(f)) for f in RESUMABLE_FIELDS)
+  return field_in(field, RESUMABLE_FIELDS)
 
 
 def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -643,8 +655,7 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None
   except (OSError, json.JSONDecodeError) as e:
     raise UserError(f'{path}: cannot read the config this workdir was trained with ({e})') from None
   new = flatten_config(json.loads(config_lib.to_json(config)))
-  # Compared as JSON text: a NaN field (data.chexpert.blank=nan) equals itself there.
-  fields = [k for k in new if k in old and json.dumps(old[k]) != json.dumps(new[k])]
+  fields = differing_fields(old, new)
   refused = [k for k in fields if not _may_change_on_resume(k, old[k], new[k])]
   if refused:
     changes = ', '.join(f'{k} {old[k]!r} -> {new[k]!r}' for k in refused)
